@@ -1,0 +1,107 @@
+"""The one dispatch point between fastgpt's model and its kernels.
+
+Rule (see ARCHITECTURE.md): with `kernels="auto"`, CUDA tensors and an importable `kernels` package
+run the Triton kernels; CPU tensors run them through the interpreter when TRITON_INTERPRET=1; anything
+else runs the PyTorch reference written here. `kernels="triton"` where Triton cannot run raises,
+never falls back; `kernels="torch"` always takes the reference.
+
+`fastgpt/model.py` calls only these functions and never imports triton.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .config import KERNEL_CHOICES
+
+_kernels_module = None
+_kernels_error: Exception | None = None
+
+
+def _kernels():
+    """The `kernels` package, or None if it cannot be imported (no triton on this platform)."""
+    global _kernels_module, _kernels_error
+    if _kernels_module is None and _kernels_error is None:
+        try:
+            _kernels_module = importlib.import_module("kernels")
+        except Exception as e:  # ImportError without triton; anything else is reported on demand
+            _kernels_error = e
+    return _kernels_module
+
+
+def use_triton(mode: str, *tensors: torch.Tensor) -> bool:
+    """Decide Triton or PyTorch for one call. Raises where `mode == "triton"` cannot be honoured."""
+    if mode == "torch":
+        return False
+    if mode not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {mode!r}")
+    k = _kernels()
+    if k is None:
+        if mode == "triton":
+            raise RuntimeError(f"kernels='triton' was requested but the kernels package cannot be imported: "
+                               f"{_kernels_error!r}")
+        return False
+    if k.can_launch(*tensors):
+        return True
+    if mode == "triton":
+        raise RuntimeError(f"kernels='triton' was requested but Triton cannot run here: {k.why_not(*tensors)}. "
+                           f"Use kernels='auto' or 'torch'.")
+    return False
+
+
+def backend_name(mode: str, device: torch.device | str) -> str:
+    """'triton' or 'torch': what `mode` resolves to for tensors on `device` (for logs)."""
+    probe = torch.empty(0, device=device)
+    return "triton" if use_triton(mode, probe) else "torch"
+
+
+# --------------------------------------------------------------------------------------------
+# Ops. Each takes the mode last; the torch branch is the reference the kernels are tested against.
+# --------------------------------------------------------------------------------------------
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+               mode: str = "auto") -> torch.Tensor:
+    if use_triton(mode, x, weight):
+        return _kernels().layer_norm(x, weight, bias, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def gelu(x: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """tanh-approximation GELU, GPT-2's `gelu_new`."""
+    if use_triton(mode, x):
+        return _kernels().gelu(x)
+    return F.gelu(x, approximate="tanh")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """Causal self-attention on (B, nh, T, hs) views; returns (B, nh, T, hs)."""
+    if use_triton(mode, q, k, v):
+        return _kernels().attention(q, k, v, causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """Mean cross-entropy of (N, V) logits against (N,) targets; target -1 is ignored."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         mode: str = "auto") -> torch.Tensor:
+    """cross_entropy(x @ weight.T, targets) for (N, C) x and (V, C) weight; target -1 is ignored."""
+    if use_triton(mode, x, weight):
+        return _kernels().linear_cross_entropy(x, weight, targets, ignore_index=-1)
+    return cross_entropy(F.linear(x, weight), targets, mode)
+
+
+def make_optimizer(param_groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
+                   eps: float = 1e-8, device_type: str = "cpu", mode: str = "auto") -> torch.optim.Optimizer:
+    """AdamW: the fused Triton optimizer on CUDA (or the interpreter), torch's AdamW otherwise."""
+    param_groups = list(param_groups)
+    first = next((p for g in param_groups for p in g["params"]), None)
+    probe = first if first is not None else torch.empty(0, device=device_type)
+    if use_triton(mode, probe):
+        return _kernels().FusedAdamW(param_groups, lr=lr, betas=betas, eps=eps)
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **extra)

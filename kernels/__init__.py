@@ -1,0 +1,30 @@
+"""fastgpt's Triton kernels, usable on their own: `import kernels`.
+
+Each family lives in its own file (design docstring, @triton.jit kernels, launchers, custom op with
+autograd, PyTorch reference). Every public function is a `torch.library` custom op in the
+"fastgpt" namespace with a fake implementation and a registered autograd formula.
+
+    kernels.layer_norm(x, weight, bias, eps=1e-5)       == F.layer_norm over the last dim
+    kernels.gelu(x)                                      == F.gelu(x, approximate="tanh")
+    kernels.attention(q, k, v, causal=True, scale=None)  == F.scaled_dot_product_attention, (B, H, T, D)
+    kernels.linear_cross_entropy(x, weight, targets)     == F.cross_entropy(x @ weight.T, targets)
+    kernels.FusedAdamW(params, lr, betas, eps, weight_decay) == torch.optim.AdamW
+"""
+from ._launch import can_launch, interpreting, launches, why_not
+from .adamw import FusedAdamW
+from .attention import attention
+from .cross_entropy import linear_cross_entropy
+from .gelu import gelu
+from .layer_norm import layer_norm
+
+__all__ = [
+    "layer_norm",
+    "gelu",
+    "attention",
+    "linear_cross_entropy",
+    "FusedAdamW",
+    "can_launch",
+    "interpreting",
+    "launches",
+    "why_not",
+]
