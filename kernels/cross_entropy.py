@@ -275,9 +275,12 @@ def _builds() -> list[Build]:
                "BLOCK_V": "constexpr", "ROUND_BF16": "constexpr"}
         # what runtime specialisation gives at GPT-2's vocab: aligned pointers, row stride
         # V_pad = 50304 divisible by 16; n_cols = 50257 carries no hint
-        attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]],
-                 (3,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]]}
-        out.append(Build(kernel="cross_entropy", fn=_ce_loss_grad_kernel, signature=sig,
-                         constexprs={"WRITE_GRAD": True, "BLOCK_V": BLOCK_V, "ROUND_BF16": False}, num_warps=NUM_WARPS, num_stages=3,
-                         config=f"{dt} V=50257 (row stride 50304) BLOCK_V={BLOCK_V} w{NUM_WARPS}", attrs=attrs))
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+        for write_grad in (True, False):  # False: loss only (no_grad / eval)
+            out.append(Build(kernel="cross_entropy", fn=_ce_loss_grad_kernel, signature=dict(sig),
+                             constexprs={"WRITE_GRAD": write_grad, "BLOCK_V": BLOCK_V, "ROUND_BF16": False},
+                             num_warps=NUM_WARPS, num_stages=3,
+                             config=f"{dt} {'loss+grad' if write_grad else 'loss only'} V=50257 "
+                                    f"(row stride 50304) BLOCK_V={BLOCK_V} w{NUM_WARPS}",
+                             attrs=dict(attrs)))
     return out

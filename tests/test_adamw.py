@@ -172,6 +172,14 @@ def test_unsupported_option_in_loaded_state_dict_raises(kernel_device):
         opt.step()
 
 
+def test_opcheck(kernel_device):
+    """torch.library's checks of the mutating op's schema and fake implementation."""
+    ps = [torch.randn(32, device=kernel_device), torch.randn(16, 16, device=kernel_device)]
+    args = (ps, [torch.randn_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps], [1e-3] * 2, [0.1, 0.0], [0.9] * 2, [0.95] * 2, [1e-8] * 2, [1.0] * 2)
+    torch.library.opcheck(torch.ops.fastgpt.adamw_step.default, args)
+
+
 @pytest.mark.parametrize("mode", ["auto", "triton"])
 def test_make_optimizer_routes_to_fused(mode, kernel_device):
     model = GPT(GPTConfig(block_size=16, vocab_size=101, n_layer=1, n_head=2, n_embd=32, kernels=mode)).to(kernel_device)

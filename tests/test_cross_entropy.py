@@ -128,6 +128,26 @@ def test_fake_tensor_shapes():
         assert dx.shape == x.shape and dw.shape == w.shape
 
 
+def test_opcheck(kernel_device):
+    """torch.library's own checks of the schema, fake and autograd registrations."""
+    x, w, t = _inputs(3, 32, 200, torch.float32, kernel_device, seed=5)
+    args = (x.requires_grad_(), w.requires_grad_(), t, -1, "mean", torch.float32, 2, True, True)
+    torch.library.opcheck(torch.ops.fastgpt.linear_cross_entropy.default, args)
+
+
+def test_compiles_without_graph_breaks(kernel_device, expect_launch):
+    x, w, t = _inputs(6, 64, 1000, torch.float32, kernel_device, seed=4)
+    x.requires_grad_()
+    w.requires_grad_()
+    fn = torch.compile(lambda a, b, c: linear_cross_entropy(a, b, c), fullgraph=True, backend="aot_eager")
+    with expect_launch("cross_entropy"):
+        loss = fn(x, w, t)
+    loss.backward()
+    ref = _fp64_reference(x.detach(), w.detach(), t, 1.0)
+    for o, r in zip((loss.detach().double(), x.grad.double(), w.grad.double()), ref):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Training with the fused loss
 # --------------------------------------------------------------------------------------------
