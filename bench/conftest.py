@@ -11,6 +11,17 @@ import pytest
 from bench.harness import HAS_CUDA, device_name, peaks
 
 
+def pytest_configure(config):
+    # One compiled wrapper per shape: keep dynamo from falling back to eager after 8 recompiles of the
+    # same function, which would silently report eager numbers as torch.compile's.
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    except Exception:
+        pass
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["device"] = device_name()
     pk = peaks()

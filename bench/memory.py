@@ -531,14 +531,14 @@ def render(results: list[Result]) -> str:
     size = MODELS[r0.model]
     lines.append(f"## Memory model: {r0.model}, batch {r0.batch}, seq {r0.seq}, bf16 autocast, AdamW\n")
     lines.append("| system | peak | params | grads | AdamW | activations (saved) | per layer | head (ln_f, logits, loss) "
-                 "| peak vs hf-sdpa |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+                 "| bf16 weight casts | peak in | peak vs hf-sdpa |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     ref = next((r.peak_bytes for r in results if r.system == "hf-sdpa"), None)
     for r in results:
         rel = f"{r.peak_bytes / ref:.2f}x" if ref else "-"
         lines.append(f"| {r.system} | {fmt_bytes(r.peak_bytes)} | {fmt_bytes(r.params_bytes)} | {fmt_bytes(r.grads_bytes)} "
                      f"| {fmt_bytes(r.optimizer_bytes)} | {fmt_bytes(r.activation_bytes)} | {fmt_bytes(r.per_layer_bytes)} "
-                     f"| {fmt_bytes(r.head_bytes)} | {rel} |")
+                     f"| {fmt_bytes(r.head_bytes)} | {fmt_bytes(r.weight_cast_bytes)} | {r.peak_phase} | {rel} |")
     lines.append("")
     # Arithmetic: parameters, gradients, AdamW.
     n = gpt2_params(size["n_layer"], size["n_embd"])

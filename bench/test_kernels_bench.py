@@ -20,7 +20,7 @@ from bench.harness import HAS_CUDA
 
 DEV = harness.DEVICE
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-COMPILE = HAS_CUDA or os.environ.get("FASTGPT_BENCH_COMPILE") == "1"
+COMPILE = os.environ.get("FASTGPT_BENCH_COMPILE", "1" if HAS_CUDA else "0") == "1"
 
 if HAS_CUDA:
     WIDTHS = [int(w) for w in os.environ.get("FASTGPT_BENCH_WIDTHS", "768,1024,1280,1600").split(",")]
@@ -67,7 +67,7 @@ def _resolve(impl, torch_fn, triton_attr, triton_ready_fixture):
         return torch_fn
     if impl == "torch-compile":
         _skip_unless_compile()
-        return torch.compile(torch_fn)
+        return torch.compile(torch_fn, dynamic=False)
     raise ValueError(impl)
 
 
@@ -147,7 +147,7 @@ def test_attention(benchmark, triton_kernels, impl, pass_, C):
         f = eager_attention
     else:
         _skip_unless_compile()
-        f = torch.compile(eager_attention)
+        f = torch.compile(eager_attention, dynamic=False)
     q, k, v = (torch.randn(BATCH, H, SEQ, HEAD_DIM, device=DEV, dtype=DTYPE, requires_grad=True)
                for _ in range(3))
     _call_or_skip(lambda: f(q, k, v))
@@ -196,7 +196,7 @@ def test_adamw_step(benchmark, triton_kernels, impl, C):
     else:
         _skip_unless_compile()
         opt = torch.optim.AdamW(groups, foreach=True, **kw)
-        step = torch.compile(opt.step)
+        step = torch.compile(opt.step, dynamic=False)
     _call_or_skip(step)
     harness.run(benchmark, step, impl=impl, op=cost.kernel, shape=cost.shape, bytes_moved=cost.bytes,
                 n_params=n)

@@ -22,7 +22,7 @@ from bench.harness import HAS_CUDA
 
 DEV = harness.DEVICE
 VOCAB = 50257
-COMPILE = HAS_CUDA or os.environ.get("FASTGPT_BENCH_COMPILE") == "1"
+COMPILE = os.environ.get("FASTGPT_BENCH_COMPILE", "1" if HAS_CUDA else "0") == "1"
 
 if HAS_CUDA:
     MODEL = os.environ.get("FASTGPT_BENCH_MODEL", "gpt2")
