@@ -348,9 +348,9 @@ class SavedTensors:
         if key in self.seen or key in self.param_storages:
             return t
         if any(c.untyped_storage()._cdata == key for c in self.autocast.cache.values()):
-            self.seen[key] = ("weight casts", "", st.nbytes(), str(t.dtype).replace("torch.", ""))
+            self.seen[key] = ("weight casts", "", st.nbytes(), str(t.dtype).replace("torch.", ""), t.shape[-1:])
         else:
-            self.seen[key] = (self.scope, self.sub, st.nbytes(), str(t.dtype).replace("torch.", ""))
+            self.seen[key] = (self.scope, self.sub, st.nbytes(), str(t.dtype).replace("torch.", ""), t.shape[-1:])
         return t
 
     def hooks(self):
@@ -362,13 +362,13 @@ class SavedTensors:
 
     def by_scope(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for scope, sub, nbytes, _ in self.seen.values():
+        for scope, sub, nbytes, *_ in self.seen.values():
             out[scope] = out.get(scope, 0) + nbytes
         return out
 
     def by_sub(self, scope: str) -> dict[str, int]:
         out: dict[str, int] = {}
-        for sc, sub, nbytes, dtype in self.seen.values():
+        for sc, sub, nbytes, dtype, _ in self.seen.values():
             if sc == scope:
                 key = f"{sub or 'block'}:{dtype}"
                 out[key] = out.get(key, 0) + nbytes
@@ -480,7 +480,8 @@ def run_one(system: str, model_name: str, batch: int, seq: int) -> Result:
                                f"(fp32 chunk logits {CE_CHUNK_ROWS * VOCAB * 4 / 2**20:.0f} MiB transient)")
         # (N, V) tensors: the logits in every dtype; their size tells the logits' share of the peak.
         N = batch * seq
-        logits_bytes = sum(nb for sc, sub, nb, dt in saved.seen.values() if sc == "head" and nb >= N * VOCAB)
+        logits_bytes = sum(nb for sc, sub, nb, dt, last in saved.seen.values()
+                           if sc == "head" and tuple(last) == (VOCAB,) and nb >= N * VOCAB)
     return Result(system=system, model=model_name, batch=batch, seq=seq,
                   peak_bytes=peak.get("Total", sum(peak.values())),
                   activation_bytes=sum(scopes.values()), params_bytes=params_bytes, grads_bytes=grads_bytes,
@@ -571,6 +572,13 @@ def render(results: list[Result]) -> str:
     lines.append("  Mixed precision differs from the paper's all-16-bit count: under CUDA autocast layer_norm runs in "
                  "fp32, so each LN saves its fp32 input (+4sbh over the paper for two LNs); eager softmax saves "
                  "fp32 probabilities plus their bf16 copy (6as^2b, not 5as^2b with dropout).")
+    lines.append("")
+    N = r0.batch * r0.seq
+    lines.append(f"Logits: one (N, V) = ({N:,}, {VOCAB:,}) tensor is {fmt_bytes(N * VOCAB * 4)} in fp32, "
+                 f"{fmt_bytes(N * VOCAB * 2)} in bf16. Saved for backward (N x V tensors): " + ", ".join(
+                     f"{r.system} {fmt_bytes(r.logits_bytes)}" for r in results)
+                 + ". Without the fused loss the backward also holds fp32 gradients of the logits (the Temp "
+                 "category at the peak below).")
     lines.append("")
     lines.append("Where one layer's saved bytes go (layer 0, sub-module:dtype):")
     for r in results:
