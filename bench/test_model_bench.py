@@ -1,6 +1,7 @@
 """Model benchmarks: one full training step (zero_grad, forward + loss, backward, AdamW step).
 
-Systems: fastgpt (Triton kernels, fused linear cross-entropy), fastgpt-compile, the nanoGPT-recipe
+Systems: fastgpt (Triton kernels, fused linear cross-entropy), fastgpt-logits (the same with full
+logits and the plain cross-entropy), fastgpt-compile, the nanoGPT-recipe
 baseline of bench/nanogpt.py (eager and compiled), transformers GPT2LMHeadModel with eager and sdpa
 attention. Every system has the same architecture, vocabulary (50257), dropout 0, and the same batch.
 
@@ -33,7 +34,7 @@ if HAS_CUDA:
 else:
     MODEL, SIZE, BATCH, SEQ = "cpu-2L-128", (2, 4, 128), 4, 128
 N_LAYER, N_HEAD, N_EMBD = SIZE
-SYSTEMS = ["fastgpt", "fastgpt-compile", "nanogpt", "nanogpt-compile", "hf-eager", "hf-sdpa"]
+SYSTEMS = ["fastgpt", "fastgpt-logits", "fastgpt-compile", "nanogpt", "nanogpt-compile", "hf-eager", "hf-sdpa"]
 
 
 def build(system: str):
@@ -50,7 +51,8 @@ def build(system: str):
                               block_size=max(SEQ, 1024), kernels=kernels)).to(DEV)
         opt = model.configure_optimizers(0.1, 6e-4, device_type=DEV)
         core = torch.compile(model) if system.endswith("-compile") else model
-        return model, (lambda idx, tgt: core(idx, tgt, return_logits=False)[1]), opt
+        full_logits = system == "fastgpt-logits"  # fused linear cross-entropy off: before/after
+        return model, (lambda idx, tgt: core(idx, tgt, return_logits=full_logits)[1]), opt
     if system.startswith("nanogpt"):
         from bench.nanogpt import NanoConfig, NanoGPT
 
