@@ -122,7 +122,7 @@ def roofline_table(measured: dict[tuple[str, str], tuple[float, str]] | None = N
         "(2.039 TB/s, 312 TFLOP/s); H100 = SXM (3.35 TB/s, 989 TFLOP/s). layer_norm, gelu and AdamW have "
         "no tensor-core work: their floor is bandwidth. Measured fraction = floor on the measuring GPU / time.",
         "",
-        "| kernel | shape | MB moved | GFLOP | A100 floor (us) | H100 floor (us) | bound | measured (us) | fraction of floor |",
+        "| kernel | shape | MB moved | GFLOP | A100 floor (us) | H100 floor (us) | bound on H100 | measured (us) | fraction of floor |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in gpt2_costs():
