@@ -1,0 +1,1 @@
+"""fastgpt benchmarks and measuring tools: pytest-benchmark suite, memory model, roofline, reports."""

@@ -1,0 +1,684 @@
+"""Peak memory of one bf16 training step, as it would be on a CUDA GPU, computed without one.
+
+    python -m bench.memory --model gpt2 --batch 16 --seq 1024 [--system all] [--json PATH]
+    python -m bench.memory --model gpt2 --batch 16 --seq 1024 --measure   # on a GPU: also measure it
+
+How: each system's model, inputs and AdamW are built inside `FakeTensorMode` (tensors carry shape,
+dtype and strides but no storage, so gpt2-xl costs nothing). One warm-up step creates the optimizer
+state; the second step (zero_grad(set_to_none) -> forward under bf16 autocast -> backward -> AdamW
+step) runs under `torch.distributed._tools.mem_tracker.MemTracker`, which follows every storage's life
+and reports the peak by category (parameters, gradients, optimizer state, activations, temporaries).
+Saved-tensor hooks record, per layer and per sub-module, what autograd keeps for the backward
+(unique storages), which gives the per-layer table and the comparison with Korthikanti et al.
+
+The CPU-only torch build cannot run autograd on fake *CUDA* tensors, so the fake tensors are CPU
+tensors, and three things that differ between CPU and CUDA are made to behave as on CUDA:
+1. autocast: CPU autocast has a different op policy (on CUDA layer_norm, softmax, log_softmax and the
+   losses run in fp32; on CPU they do not). `CudaAutocast` (a TorchFunctionMode) applies the CUDA
+   bf16 policy to the functions these models call, including autocast's cache of weight casts.
+2. attention: on CUDA, SDPA with is_causal picks the flash backend, which saves q, k, v, the output
+   (allocated (B, T, H, D) and returned transposed) and a fp32 logsumexp (B, H, T), never (T, T).
+   SDPA calls are routed to `fgbench::flash_attention`, a custom op whose autograd saves exactly that.
+   HF's eager attention is left alone: it really materialises the (T, T) scores and probabilities.
+3. fastgpt's kernels: on CPU `fastgpt.ops` would take its PyTorch branch. The Triton kernels' saved
+   sets are modelled instead: attention saves q, k, v, O and a fp32 logsumexp (same as flash; O is
+   assumed contiguous (B, H, T, D), so merging heads copies it once more, as in the torch path);
+   layer_norm saves x, weight, bias and fp32 mean/rstd (the same as F.layer_norm); gelu saves its
+   input (same as F.gelu); the fused linear cross-entropy computes dx (N, C) and dweight (V, C) in
+   fp32 during the forward, chunk by chunk, and saves those two instead of any logits.
+   `ops.linear_cross_entropy` is patched to `_fused_linear_ce`, which allocates what the kernel
+   allocates (per chunk: fp32 logits of chunk x V, freed after the chunk). AdamW state is the same
+   for kernels.FusedAdamW as for torch's fused AdamW (two fp32 moments per parameter).
+
+Other assumptions (printed with the results): dropout 0 everywhere (HF configs too); HF's loss shifts
+labels (T-1 targets per row); no gradient clipping; CUDA's caching allocator rounds every block to 512
+bytes (MemTracker does the same); cuBLAS workspaces and the CUDA context are not counted (they add a
+few hundred MB to what NVML shows, but not to torch.cuda.max_memory_allocated).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+BF16 = torch.bfloat16
+SYSTEMS = ("fastgpt", "fastgpt-logits", "nanogpt", "hf-eager", "hf-sdpa")
+SYSTEM_HELP = {
+    "fastgpt": "fastgpt, Triton kernels, fused linear cross-entropy (no logits)",
+    "fastgpt-logits": "fastgpt, Triton kernels, full logits + cross-entropy (fused loss off)",
+    "nanogpt": "bench/nanogpt.py: PyTorch SDPA (flash), fused AdamW",
+    "hf-eager": "transformers GPT2LMHeadModel, attn_implementation='eager'",
+    "hf-sdpa": "transformers GPT2LMHeadModel, attn_implementation='sdpa' (flash on CUDA)",
+}
+MODELS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128),
+}
+VOCAB = 50257
+CE_CHUNK_ROWS = 1024  # rows of the fused cross-entropy per chunk (modelled; see --ce-chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. CUDA's bf16 autocast policy, applied on CPU (fake) tensors.
+# ------------------------------------------------------------------------------------------------
+_LOWER = {  # CUDA autocast runs these in bf16 (casting every floating input)
+    F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm,
+    torch.bmm, torch.Tensor.bmm, torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm,
+    F.scaled_dot_product_attention,
+}
+_FP32 = {  # ... and these in fp32 (casting 16-bit inputs up)
+    F.layer_norm, torch.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax,
+    torch.log_softmax, torch.Tensor.log_softmax, F.cross_entropy, F.nll_loss,
+}
+
+
+class CudaAutocast(TorchFunctionMode):
+    """bf16 autocast with CUDA's op lists and weight-cast cache, for tensors on any device."""
+
+    def __init__(self, route_sdpa: bool = True):
+        super().__init__()
+        self.cache: dict[int, torch.Tensor] = {}
+        self.route_sdpa = route_sdpa
+        self.sdpa_masks: list[str] = []
+
+    def _cast(self, x, dtype, from_dtypes):
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._cast(y, dtype, from_dtypes) for y in x)
+        if not isinstance(x, torch.Tensor) or x.dtype not in from_dtypes:
+            return x
+        if x.is_leaf and x.requires_grad:  # autocast caches casts of parameters for the region
+            got = self.cache.get(id(x))
+            if got is None:
+                got = self.cache[id(x)] = x.to(dtype)
+            return got
+        return x.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LOWER:
+            args = self._cast(args, BF16, (torch.float32, torch.float16))
+            kwargs = {k: self._cast(v, BF16, (torch.float32, torch.float16)) for k, v in kwargs.items()}
+            if func is F.scaled_dot_product_attention and self.route_sdpa:
+                return _sdpa_as_on_cuda(self, *args, **kwargs)
+        elif func in _FP32:
+            args = self._cast(args, torch.float32, (BF16, torch.float16))
+        return func(*args, **kwargs)
+
+    def __exit__(self, *exc):
+        self.cache.clear()
+        return super().__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Attention that saves what CUDA's flash attention (and fastgpt's kernel) saves.
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fgbench::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    bthd_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, T, D) q, k, v -> (output, fp32 logsumexp (B, H, T)). Real math for real tensors."""
+    scale = q.shape[-1] ** -0.5
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    T, S = s.shape[-2:]
+    s = s.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    o = (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype)
+    if bthd_out:
+        o = o.transpose(1, 2).contiguous().transpose(1, 2)
+    return o, lse
+
+
+@flash_attention.register_fake
+def _(q, k, v, bthd_out):
+    B, H, T, D = q.shape
+    if bthd_out:  # flash allocates (B, T, H, D) and hands back a transposed view
+        o = q.new_empty(B, T, H, D).transpose(1, 2)
+    else:
+        o = q.new_empty(B, H, T, D)
+    return o, q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("fgbench::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Analytic flash backward (autograd does not record inside a custom op's implementation).
+    scale = q.shape[-1] ** -0.5
+    qf, kf, vf, of, dof = (t.float() for t in (q, k, v, o, do))
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    T, S = s.shape[-2:]
+    s = s.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1), float("-inf"))
+    p = torch.exp(s - lse[..., None])
+    dv = p.transpose(-1, -2) @ dof
+    dp = dof @ vf.transpose(-1, -2)
+    ds = p * (dp - (dof * of).sum(-1, keepdim=True)) * scale
+    dq, dk = ds @ kf, ds.transpose(-1, -2) @ qf
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@flash_attention_bwd.register_fake
+def _(do, q, k, v, o, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa_setup(ctx, inputs, output):
+    q, k, v, _ = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+
+
+def _fa_backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse)
+    return dq, dk, dv, None
+
+
+flash_attention.register_autograd(_fa_backward, setup_context=_fa_setup)
+_ATTN_LAYOUT = {"bthd": True}  # flash's output layout; fastgpt's kernel output is modelled as (B, H, T, D)
+
+
+def _sdpa_as_on_cuda(mode, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    if attn_mask is not None:
+        # CUDA would pick the memory-efficient backend: it also saves out + lse, plus the mask.
+        mode.sdpa_masks.append(f"mask {tuple(attn_mask.shape)} {attn_mask.dtype}")
+    o, _ = flash_attention(q, k, v, _ATTN_LAYOUT["bthd"])
+    return o
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. fastgpt's fused linear cross-entropy: dx, dweight in the forward, chunk by chunk.
+# ------------------------------------------------------------------------------------------------
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk):
+        N, C = x.shape
+        xb, wb = x.to(BF16), weight.to(BF16)  # autocast: the kernel's matmuls run in bf16
+        dx = torch.empty(N, C, dtype=torch.float32, device=x.device)
+        dw = torch.zeros_like(weight, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        valid = (targets != -1).sum().clamp(min=1)
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            t = targets[s:e]
+            ok = (t != -1)[:, None]
+            tc = t.clamp(min=0)[:, None]
+            # (chunk, V) fp32 logits: the only logits ever alive. The Triton kernel then works in place:
+            # logsumexp, loss, and softmax - onehot scaled by 1/valid become the logits' gradient.
+            # (the bf16 GEMM output is copied into the fp32 buffer: 6 bytes per logit at the chunk's peak)
+            logits = torch.empty(e - s, wb.shape[0], dtype=torch.float32, device=x.device)
+            logits.copy_(xb[s:e] @ wb.t())
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss = loss + ((lse - logits.gather(1, tc)) * ok).sum()
+            logits.sub_(lse).exp_().scatter_add_(1, tc, torch.full_like(lse, -1.0)).mul_(ok / valid)
+            g = logits.to(BF16)  # bf16 operand of the two gradient matmuls
+            del logits
+            dx[s:e] = g @ wb
+            dw.add_(g.t() @ xb[s:e])
+            del g
+        ctx.save_for_backward(dx, dw)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return loss / valid
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return (dx * grad).to(ctx.dtypes[0]), (dw * grad).to(ctx.dtypes[1]), None, None
+
+
+def _fused_linear_ce(x, weight, targets, mode="auto"):
+    return _FusedLinearCE.apply(x, weight, targets, CE_CHUNK_ROWS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Systems: model + optimizer + one forward returning the loss.
+# ------------------------------------------------------------------------------------------------
+def _hf(size: dict, seq: int, attn: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=max(seq, 1024), n_embd=size["n_embd"],
+                     n_layer=size["n_layer"], n_head=size["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, use_cache=False)
+    cfg._attn_implementation = attn
+    model = GPT2LMHeadModel(cfg)
+    model.train()
+    return model, lambda idx: model(input_ids=idx, labels=idx).loss
+
+
+def build(system: str, size: dict, seq: int):
+    """(model, forward(idx) -> loss, context manager that makes the forward behave as on CUDA)."""
+    if system.startswith("fastgpt"):
+        from fastgpt import ops
+        from fastgpt.config import GPTConfig
+        from fastgpt.model import GPT
+
+        model = GPT(GPTConfig(vocab_size=VOCAB, block_size=max(seq, 1024), kernels="torch", **size))
+        fused = system == "fastgpt"
+        # _check_input reads token values (int(idx.max())): fake tensors have none, and it allocates nothing.
+        model._check_input = lambda idx: None
+
+        @contextlib.contextmanager
+        def patch():
+            old = ops.linear_cross_entropy
+            _ATTN_LAYOUT["bthd"] = False
+            ops.linear_cross_entropy = _fused_linear_ce
+            try:
+                yield
+            finally:
+                ops.linear_cross_entropy = old
+                _ATTN_LAYOUT["bthd"] = True
+
+        def fwd(idx):
+            return model(idx, idx, return_logits=not fused)[1]
+
+        return model, fwd, patch
+    if system == "nanogpt":
+        from bench.nanogpt import NanoConfig, NanoGPT
+
+        model = NanoGPT(NanoConfig(vocab_size=VOCAB, block_size=max(seq, 1024), **size))
+        return model, (lambda idx: model(idx, idx)[1]), contextlib.nullcontext
+    if system in ("hf-eager", "hf-sdpa"):
+        model, fwd = _hf(size, seq, system[3:])
+        return model, fwd, contextlib.nullcontext
+    raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")
+
+
+def make_adamw(model) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=1e-4, fused=True)  # as on CUDA: no foreach temporaries
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=1e-4, foreach=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saved-tensor accounting per layer / sub-module.
+# ------------------------------------------------------------------------------------------------
+class SavedTensors:
+    """Unique storages autograd saves during the forward, attributed to the module scope that saved them."""
+
+    def __init__(self, model, autocast: "CudaAutocast"):
+        self.autocast = autocast
+        self.cast_bytes = 0
+        self.scope = "embed"
+        self.sub = ""
+        self.seen: dict[int, tuple[str, str, int, str]] = {}
+        self.param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.handles = []
+        blocks = _blocks(model)
+        for i, block in enumerate(blocks):
+            self.handles.append(block.register_forward_pre_hook(self._enter(f"h.{i}")))
+            self.handles.append(block.register_forward_hook(self._leave("head")))
+            for name, child in block.named_children():
+                self.handles.append(child.register_forward_pre_hook(self._enter_sub(name)))
+                self.handles.append(child.register_forward_hook(self._leave_sub()))
+
+    def _enter(self, name):
+        def hook(mod, args):
+            self.scope, self.sub = name, ""
+        return hook
+
+    def _leave(self, name):
+        def hook(mod, args, out):
+            self.scope, self.sub = name, ""
+        return hook
+
+    def _enter_sub(self, name):
+        def hook(mod, args):
+            self.sub = name
+        return hook
+
+    def _leave_sub(self):
+        def hook(mod, args, out):
+            self.sub = "residual"
+        return hook
+
+    def pack(self, t):
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.seen or key in self.param_storages:
+            return t
+        if any(c.untyped_storage()._cdata == key for c in self.autocast.cache.values()):
+            self.seen[key] = ("weight casts", "", st.nbytes(), str(t.dtype).replace("torch.", ""), t.shape[-1:])
+        else:
+            self.seen[key] = (self.scope, self.sub, st.nbytes(), str(t.dtype).replace("torch.", ""), t.shape[-1:])
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def by_scope(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for scope, sub, nbytes, *_ in self.seen.values():
+            out[scope] = out.get(scope, 0) + nbytes
+        return out
+
+    def by_sub(self, scope: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for sc, sub, nbytes, dtype, _ in self.seen.values():
+            if sc == scope:
+                key = f"{sub or 'block'}:{dtype}"
+                out[key] = out.get(key, 0) + nbytes
+        return out
+
+
+def _blocks(model):
+    if hasattr(model, "transformer") and hasattr(model.transformer, "h"):
+        return list(model.transformer.h)
+    raise ValueError("model has no transformer.h")
+
+
+# ------------------------------------------------------------------------------------------------
+# One system, one step.
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    system: str
+    model: str
+    batch: int
+    seq: int
+    peak_bytes: int
+    activation_bytes: int  # saved for backward by the end of the forward (layers + embed + head), no weight casts
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    n_params: int
+    per_layer_bytes: int  # saved by one transformer block (layer 0)
+    head_bytes: int  # saved after the last block: ln_f, lm_head / logits / loss
+    embed_bytes: int
+    weight_cast_bytes: int  # bf16 copies of weights that autocast makes and autograd keeps for backward
+    logits_bytes: int  # peak bytes of (N, V)-sized tensors alive at once
+    peak_phase: str = ""  # forward / backward / optimizer step
+    peak_breakdown: dict = field(default_factory=dict)  # MemTracker's categories at the peak
+    layer_breakdown: dict = field(default_factory=dict)
+    assumptions: list = field(default_factory=list)
+
+
+def _tracker():
+    """MemTracker keeping only the global peak (its per-module peaks cost O(modules) per op: minutes at gpt2-xl)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class GlobalPeakTracker(MemTracker):
+        phase = "setup"
+        peak_phase = "setup"
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+                    self.peak_phase = self.phase
+
+    return GlobalPeakTracker()
+
+
+def run_one(system: str, model_name: str, batch: int, seq: int) -> Result:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    size = MODELS[model_name]
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        torch.manual_seed(0)
+        model, fwd, patch = build(system, size, seq)
+        opt = make_adamw(model)
+        idx = torch.randint(0, VOCAB, (batch, seq))
+        logits_peak = {"cur": 0, "max": 0}
+
+        def step(ac: CudaAutocast, saved: SavedTensors | None, mt=None):
+            opt.zero_grad(set_to_none=True)
+            if mt is not None:
+                mt.phase = "forward"
+            with patch(), (saved.hooks() if saved else contextlib.nullcontext()):
+                with ac:
+                    loss = fwd(idx)
+            if mt is not None:
+                mt.phase = "backward"
+            loss.backward()
+            if mt is not None:
+                mt.phase = "optimizer step"
+            opt.step()
+
+        step(CudaAutocast(), None)  # optimizer state now exists, as in every step after the first
+        ac = CudaAutocast()
+        saved = SavedTensors(model, ac)
+        mt = _tracker()
+        mt.track_external(model, opt)
+        with mt:
+            step(ac, saved, mt)
+        saved.close()
+        peak = mt.get_tracker_snapshot("peak")
+        dev = next(iter(peak))
+        peak = {getattr(k, "value", str(k)): int(v) for k, v in peak[dev].items()}
+        peak_phase = mt.peak_phase
+
+        n_params = sum(p.numel() for p in model.parameters())
+        params_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        grads_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        opt_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                        if isinstance(t, torch.Tensor) and t.dim() > 0)
+        scopes = saved.by_scope()
+        cast_bytes = scopes.pop("weight casts", 0)
+        assumptions = list(ASSUMPTIONS_COMMON)
+        assumptions.append(f"{system}: " + SYSTEM_HELP[system])
+        if ac.sdpa_masks:
+            assumptions.append(f"{system}: SDPA got an explicit mask ({ac.sdpa_masks[0]}); CUDA would use the "
+                               "memory-efficient backend, modelled like flash")
+        if system == "fastgpt":
+            assumptions.append(f"fastgpt: fused linear CE processes {CE_CHUNK_ROWS} rows per chunk "
+                               f"(fp32 chunk logits {CE_CHUNK_ROWS * VOCAB * 4 / 2**20:.0f} MiB transient)")
+        # (N, V) tensors: the logits in every dtype; their size tells the logits' share of the peak.
+        N = batch * seq
+        logits_bytes = sum(nb for sc, sub, nb, dt, last in saved.seen.values()
+                           if sc == "head" and tuple(last) == (VOCAB,) and nb >= N * VOCAB)
+    return Result(system=system, model=model_name, batch=batch, seq=seq,
+                  peak_bytes=peak.get("Total", sum(peak.values())),
+                  activation_bytes=sum(scopes.values()), params_bytes=params_bytes, grads_bytes=grads_bytes,
+                  optimizer_bytes=opt_bytes, n_params=n_params, per_layer_bytes=scopes.get("h.0", 0),
+                  head_bytes=scopes.get("head", 0), embed_bytes=scopes.get("embed", 0),
+                  weight_cast_bytes=cast_bytes, logits_bytes=logits_bytes, peak_phase=peak_phase, peak_breakdown=peak, layer_breakdown=saved.by_sub("h.0"),
+                  assumptions=assumptions)
+
+
+ASSUMPTIONS_COMMON = [
+    "bf16 autocast with CUDA's op policy (layer_norm/softmax/losses in fp32, matmuls in bf16, weight casts cached)",
+    "fp32 parameters, fp32 gradients (set_to_none between steps), AdamW with two fp32 moments per parameter",
+    "SDPA(is_causal) = flash backend: saves q, k, v, output and fp32 logsumexp (B, H, T); no (T, T)",
+    "dropout 0, vocabulary 50257 for every system, no gradient clipping, allocations rounded to 512 B",
+    "not counted: CUDA context, cuBLAS workspace, allocator fragmentation (NVML shows these on top)",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Arithmetic checks.
+# ------------------------------------------------------------------------------------------------
+def gpt2_params(n_layer: int, n_embd: int, vocab: int = VOCAB, block: int = 1024) -> int:
+    """Parameters of GPT-2 with tied embeddings and biases everywhere."""
+    C = n_embd
+    per_layer = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
+    return vocab * C + block * C + n_layer * per_layer + 2 * C
+
+
+def korthikanti(batch: int, seq: int, n_embd: int, n_head: int) -> dict[str, int]:
+    """Per-layer activation bytes of Korthikanti et al. (2022), 16-bit activations, with dropout."""
+    s, b, h, a = seq, batch, n_embd, n_head
+    return {
+        "eager, dropout (34sbh + 5as^2b)": 34 * s * b * h + 5 * a * s * s * b,
+        "eager, no dropout (32sbh + 2as^2b)": 32 * s * b * h + 2 * a * s * s * b,
+        "flash, no dropout (32sbh)": 32 * s * b * h,
+    }
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def render(results: list[Result]) -> str:
+    lines = []
+    if not results:
+        return ""
+    r0 = results[0]
+    size = MODELS[r0.model]
+    lines.append(f"## Memory model: {r0.model}, batch {r0.batch}, seq {r0.seq}, bf16 autocast, AdamW\n")
+    lines.append("| system | peak | params | grads | AdamW | activations (saved) | per layer | head (ln_f, logits, loss) "
+                 "| bf16 weight casts | peak in | peak vs hf-sdpa |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    ref = next((r.peak_bytes for r in results if r.system == "hf-sdpa"), None)
+    for r in results:
+        rel = f"{r.peak_bytes / ref:.2f}x" if ref else "-"
+        lines.append(f"| {r.system} | {fmt_bytes(r.peak_bytes)} | {fmt_bytes(r.params_bytes)} | {fmt_bytes(r.grads_bytes)} "
+                     f"| {fmt_bytes(r.optimizer_bytes)} | {fmt_bytes(r.activation_bytes)} | {fmt_bytes(r.per_layer_bytes)} "
+                     f"| {fmt_bytes(r.head_bytes)} | {fmt_bytes(r.weight_cast_bytes)} | {r.peak_phase} | {rel} |")
+    lines.append("")
+    # Arithmetic: parameters, gradients, AdamW.
+    n = gpt2_params(size["n_layer"], size["n_embd"])
+    lines.append(f"Arithmetic check: {r0.model} has {n:,} parameters (tied wte/lm_head) -> params {4 * n:,} B, "
+                 f"grads {4 * n:,} B, AdamW {8 * n:,} B.")
+    for r in results:
+        ok = r.n_params == n and r.params_bytes == 4 * n and r.grads_bytes == 4 * n and r.optimizer_bytes == 8 * n
+        lines.append(f"- {r.system}: {r.n_params:,} params, {r.params_bytes:,} / {r.grads_bytes:,} / "
+                     f"{r.optimizer_bytes:,} B -> {'exact' if ok else 'MISMATCH'}")
+    lines.append("")
+    k = korthikanti(r0.batch, r0.seq, size["n_embd"], size["n_head"])
+    lines.append("Per-layer activations vs Korthikanti et al. (16-bit activations; s=seq, b=batch, h=width, a=heads):")
+    for name, v in k.items():
+        lines.append(f"- {name}: {fmt_bytes(v)}")
+    sbh = r0.seq * r0.batch * size["n_embd"]
+    as2b = size["n_head"] * r0.seq * r0.seq * r0.batch
+    flash_like = {r.system: r.per_layer_bytes for r in results if r.system != "hf-eager"}
+    for r in results:
+        line = f"- measured {r.system}: {fmt_bytes(r.per_layer_bytes)} = {r.per_layer_bytes / sbh:.2f} sbh"
+        if r.system == "hf-eager" and "hf-sdpa" in flash_like:
+            extra = r.per_layer_bytes - flash_like["hf-sdpa"]
+            line += (f"; minus hf-sdpa's layer = {extra / as2b:.2f} as^2b (the (T, T) scores/probabilities; "
+                     f"the paper has 5 with dropout, 2 without)")
+        lines.append(line)
+    lines.append("  Expected with flash attention and bf16 autocast (no dropout): 36 sbh = ln_1 and ln_2 inputs in "
+                 "fp32 (2 x 4 sbh) + bf16 LN outputs for c_attn and c_fc (2 x 2 sbh) + qkv (6 sbh) + attention output "
+                 "(2 sbh) + gelu input (8 sbh) + gelu output (8 sbh); +2 sbh where the attention output is copied "
+                 "to merge heads (fastgpt's kernel output is modelled (B, H, T, D)); HF's python gelu_new keeps 3 "
+                 "more (B, T, 4h) intermediates (+24 sbh).")
+    lines.append("  Mixed precision differs from the paper's all-16-bit count: under CUDA autocast layer_norm runs in "
+                 "fp32, so each LN saves its fp32 input (+4sbh over the paper for two LNs); eager softmax saves "
+                 "fp32 probabilities plus their bf16 copy (6as^2b, not 5as^2b with dropout).")
+    lines.append("")
+    N = r0.batch * r0.seq
+    lines.append(f"Logits: one (N, V) = ({N:,}, {VOCAB:,}) tensor is {fmt_bytes(N * VOCAB * 4)} in fp32, "
+                 f"{fmt_bytes(N * VOCAB * 2)} in bf16. Saved for backward (N x V tensors): " + ", ".join(
+                     f"{r.system} {fmt_bytes(r.logits_bytes)}" for r in results)
+                 + ". Without the fused loss the backward also holds fp32 gradients of the logits (the Temp "
+                 "category at the peak below).")
+    lines.append("")
+    lines.append("Where one layer's saved bytes go (layer 0, sub-module:dtype):")
+    for r in results:
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(r.layer_breakdown.items(), key=lambda kv: -kv[1]))
+        lines.append(f"- {r.system}: {parts}")
+    lines.append("")
+    lines.append("Peak by category (MemTracker at the peak):")
+    for r in results:
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r.peak_breakdown.items() if k != "Total" and v)
+        lines.append(f"- {r.system} (peak in the {r.peak_phase}): {parts}")
+    lines.append("")
+    lines.append("Assumptions:")
+    seen = []
+    for r in results:
+        for a in r.assumptions:
+            if a not in seen:
+                seen.append(a)
+                lines.append(f"- {a}")
+    return "\n".join(lines)
+
+
+def measure_cuda(system: str, model_name: str, batch: int, seq: int) -> int:
+    """On a GPU: the real torch.cuda.max_memory_allocated of the third training step."""
+    size = MODELS[model_name]
+    dev = "cuda"
+    torch.cuda.empty_cache()
+    if system.startswith("fastgpt"):
+        from fastgpt.config import GPTConfig
+        from fastgpt.model import GPT
+
+        model = GPT(GPTConfig(vocab_size=VOCAB, **size)).to(dev)
+        fused = system == "fastgpt"
+        fwd = lambda idx: model(idx, idx, return_logits=not fused)[1]  # noqa: E731
+        opt = model.configure_optimizers(0.1, 1e-4, device_type="cuda")
+    else:
+        if system == "nanogpt":
+            from bench.nanogpt import NanoConfig, NanoGPT
+
+            model = NanoGPT(NanoConfig(vocab_size=VOCAB, **size)).to(dev)
+            fwd = lambda idx: model(idx, idx)[1]  # noqa: E731
+        else:
+            model, fwd = _hf(size, seq, system[3:])
+            model.to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    idx = torch.randint(0, VOCAB, (batch, seq), device=dev)
+    for i in range(3):
+        if i == 2:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=BF16):
+            loss = fwd(idx)
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del model, opt, idx, loss
+    torch.cuda.empty_cache()
+    return peak
+
+
+def main(argv=None) -> int:
+    global CE_CHUNK_ROWS
+    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="gpt2", choices=list(MODELS))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--system", default="all", help="|".join(SYSTEMS) + "|all, or a comma-separated list")
+    p.add_argument("--ce-chunk", type=int, default=CE_CHUNK_ROWS, help="rows per chunk of fastgpt's fused loss")
+    p.add_argument("--json", help="write the results as a JSON list here")
+    p.add_argument("--measure", action="store_true", help="on a GPU, also measure max_memory_allocated")
+    a = p.parse_args(argv)
+    CE_CHUNK_ROWS = a.ce_chunk
+    systems = list(SYSTEMS) if a.system == "all" else a.system.split(",")
+    results = []
+    for s in systems:
+        r = run_one(s, a.model, a.batch, a.seq)
+        results.append(r)
+        print(f"{s}: peak {fmt_bytes(r.peak_bytes)}", file=sys.stderr, flush=True)
+    print(render(results))
+    rows = [asdict(r) for r in results]
+    if a.measure:
+        if not torch.cuda.is_available():
+            print("--measure needs a CUDA GPU; skipped", file=sys.stderr)
+        else:
+            print("\nMeasured on " + torch.cuda.get_device_name() + " (torch.cuda.max_memory_allocated):")
+            for row in rows:
+                try:
+                    row["measured_peak_bytes"] = measure_cuda(row["system"], a.model, a.batch, a.seq)
+                    print(f"- {row['system']}: model {fmt_bytes(row['peak_bytes'])}, measured "
+                          f"{fmt_bytes(row['measured_peak_bytes'])} "
+                          f"({row['peak_bytes'] / row['measured_peak_bytes']:.3f}x)")
+                except Exception as e:  # e.g. fastgpt kernels missing, OOM: report and go on
+                    row["measured_error"] = repr(e)
+                    print(f"- {row['system']}: could not measure: {e!r}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
