@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._jit import store_cast
 from ._launch import TORCH_TO_TRITON, Build, can_launch, count_launch, register_builds, why_not
 
 _BLOCK = 2048
@@ -48,7 +49,7 @@ def _gelu_fwd_kernel(X, Y, n_elements, BLOCK: tl.constexpr):
     # 2u = 2 * sqrt(2/pi) * (x + 0.044715 x^3) = x * (1.5957691216 + 0.0713548163 x^2)
     two_u = x * (1.5957691216057308 + 0.07135481627159225 * x * x)
     s = 1.0 / (1.0 + tl.exp(tl.minimum(-two_u, 80.0)))  # clamp: exp() stays finite (no inf warnings)
-    tl.store(Y + offs, (x * s).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, store_cast(x * s, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -66,7 +67,7 @@ def _gelu_bwd_kernel(DY, X, DX, n_elements, BLOCK: tl.constexpr):
     # d(2u)/dx = 2 * sqrt(2/pi) * (1 + 3 * 0.044715 x^2) = 1.5957691216 + 0.2140644488 x^2
     d_two_u = 1.5957691216057308 + 0.21406444881477674 * x2
     grad = s + x * d_two_u * (e * s * s)
-    tl.store(DX + offs, (dy * grad).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + offs, store_cast(dy * grad, DX.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------

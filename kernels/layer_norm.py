@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._jit import store_cast
 from ._launch import (
     TORCH_TO_TRITON,
     Build,
@@ -82,7 +83,7 @@ def _layer_norm_fwd_kernel(
     if HAS_BIAS:
         b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
         y += b[None, :]
-    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], store_cast(y, Y.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
@@ -117,7 +118,7 @@ def _layer_norm_bwd_kernel(
         c1 = tl.sum(g * xhat, axis=1) / N  # (ROWS,)
         c2 = tl.sum(g, axis=1) / N
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], store_cast(dx, DX.dtype.element_ty), mask=mask)
         acc_w += dy * xhat
         acc_b += dy
     part = pid.to(tl.int64) * N + cols
