@@ -19,11 +19,13 @@ The exit status is 1 when any build fails to compile or spills (each is named on
 error. TRITON_INTERPRET must be off: with it set, `@triton.jit` yields interpreter functions that
 cannot be compiled, so this module clears it before importing `kernels` and refuses to run if
 `kernels` was already imported in interpreter mode. Triton's on-disk cache (~/.triton/cache or
-TRITON_CACHE_DIR) makes repeated runs fast.
+TRITON_CACHE_DIR) and a cache of the cuobjdump results (keyed by the cubin's hash, in
+fastgpt_compile_report/ inside Triton's cache directory) make repeated runs take seconds.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -86,6 +88,46 @@ def _resource_usage(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", m.group(2))}
 
 
+def _cache_dir() -> str:
+    base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return os.path.join(base, "fastgpt_compile_report")
+
+
+def _inspect_cubin(cubin: bytes, name: str) -> dict[str, int]:
+    """cuobjdump's resource usage plus SASS instruction counts for one cubin.
+
+    `cuobjdump -sass` costs ~0.5 s a cubin (it starts nvdisasm); the answer depends only on the cubin's
+    bytes, so it is cached next to Triton's own cache, keyed by the cubin's sha256.
+    """
+    key = hashlib.sha256(cubin).hexdigest()
+    cached = os.path.join(_cache_dir(), key + ".json")
+    try:
+        with open(cached) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    tool = _cuobjdump()
+    with tempfile.TemporaryDirectory(prefix="compile_report_") as tmp:
+        path = os.path.join(tmp, name + ".cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = _resource_usage(subprocess.run([tool, "--dump-resource-usage", path], check=True,
+                                             capture_output=True, text=True).stdout)
+        sass = subprocess.run([tool, "-sass", path], check=True, capture_output=True, text=True).stdout
+    lines = sass.splitlines()
+    res["mma"] = sum(1 for line in lines if _MMA_RE.search(line))
+    res["vec"] = sum(1 for line in lines if _VEC_LOAD_RE.search(line))
+    try:  # best effort: a read-only cache directory only costs speed
+        os.makedirs(_cache_dir(), exist_ok=True)
+        tmp_path = f"{cached}.{os.getpid()}.tmp"
+        with open(tmp_path, "w") as f:
+            json.dump(res, f)
+        os.replace(tmp_path, cached)
+    except OSError:
+        pass
+    return res
+
+
 def _compile_one(task: tuple[int, str]) -> Row:
     """Compile build number `index` of `all_builds()` for `arch` and read its cubin."""
     index, arch = task
@@ -107,19 +149,12 @@ def _compile_one(task: tuple[int, str]) -> Row:
             warnings.simplefilter("ignore")  # triton 3.9's FP-fusion default notice, once per process
             k = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
                                options={"num_warps": b.num_warps, "num_stages": b.num_stages})
-        tool = _cuobjdump()
-        with tempfile.TemporaryDirectory(prefix="compile_report_") as tmp:
-            cubin = os.path.join(tmp, f"{b.kernel}_{arch}.cubin")
-            with open(cubin, "wb") as f:
-                f.write(k.asm["cubin"])
-            res = _resource_usage(subprocess.run([tool, "--dump-resource-usage", cubin], check=True,
-                                                 capture_output=True, text=True).stdout)
-            sass = subprocess.run([tool, "-sass", cubin], check=True, capture_output=True, text=True).stdout
+        res = _inspect_cubin(k.asm["cubin"], f"{b.kernel}_{arch}")
         row.registers = res.get("REG", 0)
         row.spill_bytes = res.get("STACK", 0) + res.get("LOCAL", 0)
         row.shared_bytes = int(k.metadata.shared) + res.get("SHARED", 0)
-        row.mma_instructions = sum(1 for line in sass.splitlines() if _MMA_RE.search(line))
-        row.vector_loads = sum(1 for line in sass.splitlines() if _VEC_LOAD_RE.search(line))
+        row.mma_instructions = res["mma"]
+        row.vector_loads = res["vec"]
     except Exception as e:  # reported per build; the exit status says the run failed
         row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     return row
