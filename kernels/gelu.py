@@ -12,8 +12,10 @@ The identity 0.5 * (1 + tanh(u)) = sigmoid(2u) gives
     gelu(x)  = x * s,                              s = 1 / (1 + exp(-2u))
     gelu'(x) = s + x * s * (1 - s) * 2 * du/dx,    du/dx = sqrt(2/pi) * (1 + 3 * 0.044715 * x^2)
 one exp and one division per element, no tanh call, and no cancellation near 0 (1 - 2/(e^2u + 1)
-would lose digits there). For large |x| exp() saturates to 0 or inf and s to 1 or 0, which is the
-right limit.
+would lose digits there). The backward writes s * (1 - s) as e * s^2 with e = exp(-2u), so it does not
+lose digits where s is close to 1 either. The exponent is clamped at 80 (exp stays finite, so e * s^2
+never becomes inf * 0); there the true values are below 1e-33, so the tails come out as 0 and x for
+gelu and 0 and 1 for its gradient.
 
 Saved for backward: only the input x (the backward recomputes s); no extra tensor is stored.
 

@@ -35,7 +35,7 @@ def test_compile_report_layer_norm(tmp_path):
             archs = sorted(r["arch"] for r in rows if r["kernel"] == kernel and r["config"] == config)
             assert archs == ["sm_80", "sm_90a"], (kernel, config, archs)
     widths = {int(c.split("N=")[1].split()[0]) for c in (r["config"] for r in rows) if " N=" in c}
-    assert widths == {768, 1024, 1280, 1600}
+    assert {768, 1024, 1280, 1600} <= widths
     for r in rows:
         assert r["spill_bytes"] == 0, r
         assert r["registers"] > 0 and r["vector_loads"] > 0, r

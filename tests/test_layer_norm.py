@@ -113,7 +113,7 @@ def test_layer_norm_without_bias(shape, dtypes, kernel_device, expect_launch):
 
 def test_layer_norm_weight_grad_is_deterministic(kernel_device, expect_launch):
     """Partial sums per row group + a fixed-order reduction: repeated backwards agree bit for bit."""
-    _, _, _, dy64, x, w, b = _inputs((300, 1024), torch.float32, torch.float32, kernel_device)
+    _, _, _, dy64, x, w, b = _inputs((120, 1024), torch.float32, torch.float32, kernel_device)
     dy = dy64.to(kernel_device, torch.float32)
     with expect_launch("layer_norm_dwdb"):
         first = _grads(lambda x, w, b: layer_norm(x, w, b), x, w, b, dy)
