@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
 from kernels.layer_norm import MAX_N, layer_norm, layer_norm_reference
 
 EPS = 1e-5
