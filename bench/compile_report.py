@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n")[0])
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
     p.add_argument("--kernel", metavar="SUBSTR", default="", help="only kernels whose name contains SUBSTR")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="compile in this many processes (default: min(2, CPUs))")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="compile in this many processes (default 0: one per idle CPU, i.e. CPUs minus the "
+                        "1-minute load average, at least 1; on a busy machine extra processes only slow it down)")
     args = p.parse_args(argv)
 
     _prepare_environment()
@@ -187,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     if not tasks:
         print(f"compile_report: no registered kernel matches {args.kernel!r}", file=sys.stderr)
         return 2
+    if args.jobs <= 0:
+        cpus = os.cpu_count() or 1
+        args.jobs = max(1, min(cpus, cpus - round(os.getloadavg()[0])))
     t0 = time.time()
     if args.jobs > 1 and len(tasks) > 1:
         import multiprocessing as mp
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.time() - t0
 
     print(_table(rows))
-    print(f"\n{len(rows)} builds ({len(tasks) // len(ARCHS)} kernels x {len(ARCHS)} archs) in {elapsed:.1f} s")
+    print(f"\n{len(rows)} builds ({len(tasks) // len(ARCHS)} kernels x {len(ARCHS)} archs) in {elapsed:.1f} s, "
+          f"{args.jobs} process{'es' if args.jobs > 1 else ''}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_json() for r in rows], f, indent=1)
