@@ -3,7 +3,8 @@
 - `torch.compile(fullgraph=True)` over a block using both ops traces with no graph break (aot_eager
   backend: it runs the same Dynamo + AOTAutograd tracing as inductor through register_fake and
   register_autograd, without a C++ toolchain on the CPU) and matches eager in forward and backward.
-- Under FakeTensorMode the ops propagate shapes and dtypes without running a kernel.
+- Under FakeTensorMode the ops propagate shapes and dtypes without running a kernel, and
+  torch.library.opcheck finds schema, fake and autograd registrations consistent with the kernels.
 - A GPT with kernels="triton" launches these kernels in its forward and backward.
 """
 import pytest
@@ -27,6 +28,30 @@ def _inputs(device, dtype=torch.float32):
     w = (1 + 0.1 * torch.randn(768, generator=g)).to(device)
     b = (0.1 * torch.randn(768, generator=g)).to(device)
     return x, w, b
+
+
+def _opcheck_cases(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=g).to(device).requires_grad_()
+    w = torch.randn(64, generator=g).to(device).requires_grad_()
+    b = torch.randn(64, generator=g).to(device).requires_grad_()
+    dy = torch.randn(3, 5, 64, generator=g).to(device)
+    _, mean, rstd = torch.ops.fastgpt.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
+    return [
+        ("layer_norm_fwd", (x, w, b, 1e-5)),
+        ("layer_norm_fwd", (x, w, None, 1e-5)),
+        ("layer_norm_bwd", (dy, x.detach(), w.detach(), mean, rstd, True)),
+        ("gelu_fwd", (x,)),
+        ("gelu_bwd", (dy, x.detach())),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=["ln_fwd", "ln_fwd_nobias", "ln_bwd", "gelu_fwd", "gelu_bwd"])
+def test_opcheck(case, kernel_device):
+    """torch.library.opcheck: schema, fake impl vs real outputs, autograd registration, AOT dispatch."""
+    name, args = _opcheck_cases(kernel_device)[case]
+    result = torch.library.opcheck(getattr(torch.ops.fastgpt, name).default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
 
 
 def test_dynamo_sees_no_graph_break(kernel_device):
