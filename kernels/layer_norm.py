@@ -8,8 +8,9 @@ once). One row fits in registers: BLOCK_N = next_pow2(N) <= MAX_N (8192).
 
 Forward (`_layer_norm_fwd_kernel`): each program normalises a tile of ROWS x BLOCK_N (several rows per
 program at GPT-2 widths so the weight and bias loads and the launch overhead are shared, 16 elements
-per thread so every load is 128 bits wide). Statistics are fp32: mean = sum(x)/N, var = sum((x-mean)^2)/N
-(two passes over registers, no catastrophic cancellation), rstd = rsqrt(var + eps). Output
+per thread so every load is 128 bits wide; see `_row_config`). Statistics are fp32:
+mean = sum(x)/N, var = sum((x-mean)^2)/N (two passes over registers, no catastrophic cancellation),
+rstd = rsqrt(var + eps). Output
 y = (x - mean) * rstd * w + b is written in x's dtype; the weight may be fp32 or x's dtype (autocast
 hands us fp32 weights with bf16 activations).
 
@@ -18,11 +19,12 @@ mean and rstd (8 bytes a row). xhat is recomputed in the backward instead of sto
 
 Backward, two launches, deterministic:
 1. `_layer_norm_bwd_kernel`: G programs, each owns a contiguous range of rows and walks it ROWS at a
-   time. Per row, with xhat = (x - mean) * rstd and g = dy * w,
+   time (the same tile shape as the forward). Per row, with xhat = (x - mean) * rstd and g = dy * w,
        dx = rstd * (g - xhat * mean(g * xhat) - mean(g))
    and it accumulates dy * xhat and dy into fp32 registers; at the end it writes its partial sums
    as row `pid` of two (G, N) fp32 buffers. G is 2 programs per SM, so the partial buffers are
-   small (G * N * 8 bytes, ~3.4 MB at N=1600 on 132 SMs) next to the activations the kernel streams.
+   small (G * N * 8 bytes, ~3.4 MB at N=1600 on 132 SMs) next to the activations the kernel streams,
+   and x and dy are read once (PyTorch's CUDA backward reads them again for dweight/dbias).
 2. `_layer_norm_dwdb_kernel`: column blocks of the (G, N) partials summed over G in a fixed order.
    Same inputs -> bitwise-same dweight and dbias (no atomics).
 dweight/dbias come out in fp32 and are cast to the parameter dtype (a no-op for fp32 parameters).
@@ -152,25 +154,19 @@ def _layer_norm_dwdb_kernel(
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
-def _fwd_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) for the forward: ~4096 elements a program, 16 per thread at
-    GPT-2 widths (768/1024 -> 4 rows x 1024, 1280/1600 -> 2 rows x 2048, all 8 warps)."""
+def _row_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) of a ROWS x BLOCK_N tile, for the forward (one tile a program) and
+    the backward (one tile an iteration of its row loop): ~4096 elements, 16 per thread, so each
+    thread issues two (bf16) or four (fp32) 128-bit loads per tensor before the row reductions.
+    GPT-2 widths: 768/1024 -> 4 rows x 1024, 1280/1600 -> 2 rows x 2048, all 8 warps; 4096 -> 1 x 4096
+    with 8 warps, 8192 -> 1 x 8192 with 16. The backward holds x, dy and two accumulators per element
+    and lands at <= 128 registers (two 8-warp programs per SM, see _num_groups); the compile report
+    checks it does not spill."""
     block_n = next_pow2(n)
     if block_n > MAX_N:
         raise ValueError(f"layer_norm supports up to {MAX_N} features per row, got {n}")
     rows = min(max(4096 // block_n, 1), 16)
     warps = min(max(block_n * rows // 512, 2), 16)
-    return block_n, rows, warps
-
-
-def _bwd_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) for the backward: ~2048 elements an iteration, 8 per thread
-    (it holds x, dy and two accumulators per element)."""
-    block_n = next_pow2(n)
-    if block_n > MAX_N:
-        raise ValueError(f"layer_norm supports up to {MAX_N} features per row, got {n}")
-    rows = min(max(2048 // block_n, 1), 16)
-    warps = min(max(block_n * rows // 256, 2), 16)
     return block_n, rows, warps
 
 
@@ -218,7 +214,7 @@ def _fwd_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if m == 0:
         return y, mean, rstd
-    block_n, rows, warps = _fwd_config(n)
+    block_n, rows, warps = _row_config(n)
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w  # unused pointer when HAS_BIAS is False
     count_launch("layer_norm_fwd")
@@ -241,7 +237,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: t
     db = torch.zeros(n, dtype=torch.float32, device=x.device)
     if m == 0:
         return dx, dw, db
-    block_n, rows, warps = _bwd_config(n)
+    block_n, rows, warps = _row_config(n)
     blocks = triton.cdiv(m, rows)
     groups = _num_groups(blocks, x.device)
     rows_per_prog = triton.cdiv(blocks, groups) * rows
@@ -350,7 +346,7 @@ def _builds() -> list[Build]:
             xt, wt = TORCH_TO_TRITON[xd], TORCH_TO_TRITON[wd]
             # Bias-less LayerNorm (GPTConfig(bias=False)) only changes a constexpr: built at 768.
             for has_bias in ((True, False) if n == 768 and xd == wd == torch.float32 else (True,)):
-                block_n, rows, warps = _fwd_config(n)
+                block_n, rows, warps = _row_config(n)
                 out.append(Build(
                     kernel="layer_norm_fwd", fn=_layer_norm_fwd_kernel,
                     signature={"X": f"*{xt}", "W": f"*{wt}", "B": f"*{wt}", "Y": f"*{xt}", "Mean": "*fp32",
@@ -362,7 +358,7 @@ def _builds() -> list[Build]:
                            + ("" if has_bias else " no-bias"),
                     attrs=_aligned("X", "W", "B", "Y", "Mean", "Rstd", "stride_x", "stride_y", "N"),
                 ))
-            block_n, rows, warps = _bwd_config(n)
+            block_n, rows, warps = _row_config(n)
             out.append(Build(
                 kernel="layer_norm_bwd", fn=_layer_norm_bwd_kernel,
                 signature={"DY": f"*{xt}", "X": f"*{xt}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",
