@@ -369,27 +369,31 @@ def _attn_bwd_dq(
 # ============================================================================================
 # Autotune configs and launchers
 # ============================================================================================
-def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _cfg(bm: int, bn: int, warps: int, stages: int, max_d: int = 128) -> triton.Config:
+    c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    c.max_head_dim = max_d  # larger head dims spill with this tile: pruned for them
+    return c
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV
-# needs BLOCK_N % BLOCK_M == 0 (diagonal tiles never straddle a loop split). sm_80 runs mma.sync
-# per warp (16-row fragments), so 4 warps on 64-128 rows; sm_90 runs wgmma per warpgroup of 4
-# warps (64 rows each): 128-row tiles in 8 warps give two warpgroups. Every entry was compiled
-# for its architecture at D=64 and D=128, fp16 and bf16 (see `_builds`), with 0 spills and shared
-# memory within the A100 / H100 limit; entries that spilled were removed.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, largest head dim]). Forward and dQ need
+# BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0 (diagonal tiles never straddle a loop
+# split). sm_80 runs mma.sync per warp (16-row fragments): 4 warps on 64-128 rows. sm_90 runs wgmma
+# per warpgroup of 4 warps on 64 rows: 128-row tiles in 8 warps give two warpgroups; all configs
+# there compile to HGMMA. Every (config, head dim <= its limit) was compiled for both sm_80 and
+# sm_90a at T=1024, fp16 and bf16 (the builds registered below): 0 spill bytes, shared memory
+# <= 160 KiB. Candidates that spilled on either architecture were removed, e.g. forward 128x64 in 4
+# warps at D=128 (the fp32 accumulator alone is 128 registers per thread), dK/dV 64x128 in 4 warps.
 FWD_CONFIGS = {
-    80: [_cfg(128, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)],
-    90: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3)],
+    80: [_cfg(128, 64, 4, 3, 64), _cfg(128, 32, 4, 3, 64), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)],
+    90: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2, 64), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3, 64)],
 }
-DKDV_CONFIGS = {
-    80: [_cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2)],
-    90: [_cfg(64, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(64, 128, 4, 2)],
+DKDV_CONFIGS = {  # BLOCK_M: query rows per inner step, BLOCK_N: keys per program
+    80: [_cfg(32, 64, 4, 3), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 4, 64), _cfg(64, 64, 4, 3, 64)],
+    90: [_cfg(64, 64, 4, 3, 64), _cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3, 64), _cfg(64, 128, 8, 1, 64)],
 }
 DQ_CONFIGS = {
-    80: [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2)],
-    90: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
+    80: [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3, 64)],
+    90: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2, 64), _cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
 }
 # Under the interpreter: one small config each, BLOCK_M != BLOCK_N so the straddling diagonal
 # tiles are exercised.
@@ -406,7 +410,8 @@ def _arch_of(t: torch.Tensor) -> int:
 
 def _pruner(table: dict[int, list[triton.Config]]):
     def prune(configs, named_args, **kwargs):
-        keep = {id(c) for c in table[_arch_of(named_args["Q"])]}
+        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        keep = {id(c) for c in table[_arch_of(named_args["Q"])] if d <= c.max_head_dim}
         return [c for c in configs if id(c) in keep]
     return prune
 
@@ -563,3 +568,68 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~mask, float("-inf"))
     return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+# ============================================================================================
+# Compile-report builds: every autotune config at GPT-2 shapes (T=1024, D=64), fp16 and bf16,
+# and bf16 at D=128 for every config allowed there.
+# ============================================================================================
+_FWD_ARGS = ["Q", "K", "V", "O", "LSE"]
+_BWD_PTRS = {"dkdv": ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV"], "dq": ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ"]}
+
+
+def _signature(fn, dtype: str) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+            sig[name] = "*" + dtype
+        elif name == "sm_scale":
+            sig[name] = "fp32"
+        elif name.startswith("stride_") or name in ("H", "T", "T_BUCKET"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def _divisibility(fn) -> dict:
+    # What the launcher's specialization sees at GPT-2 shapes: 16-byte aligned pointers, strides,
+    # T and T_BUCKET multiples of 16 (H = 12 is not).
+    pointers = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if name in pointers or name.startswith("stride_") or name in ("T", "T_BUCKET")}
+
+
+def _kernel_builds(report: str, fn, table: dict[int, list[triton.Config]], head_dims=(64, 128)) -> list[Build]:
+    out = []
+    for arch, configs in table.items():
+        for c in configs:
+            for dtype in ("fp16", "bf16"):
+                for d in head_dims:
+                    if d > c.max_head_dim or (d != 64 and dtype != "bf16"):
+                        continue
+                    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                    out.append(Build(
+                        kernel=report, fn=fn, signature=_signature(fn, dtype),
+                        constexprs=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, UPCAST_DOT=False,
+                                        DOT_PRECISION="tf32"),
+                        num_warps=c.num_warps, num_stages=c.num_stages,
+                        config=f"sm{arch} {dtype} T=1024 D={d} BLOCK_M={bm} BLOCK_N={bn} w{c.num_warps} s{c.num_stages}",
+                        attrs=_divisibility(fn)))
+    return out
+
+
+@register_builds
+def _builds() -> list[Build]:
+    builds = _kernel_builds("attention_fwd", _attn_fwd, FWD_CONFIGS)
+    builds += _kernel_builds("attention_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS)
+    builds += _kernel_builds("attention_bwd_dq", _attn_bwd_dq, DQ_CONFIGS)
+    for dtype in ("fp16", "bf16"):
+        fn = _attn_bwd_preprocess
+        builds.append(Build(
+            kernel="attention_bwd_preprocess", fn=fn, signature=_signature(fn, dtype),
+            constexprs=dict(HEAD_DIM=64, BLOCK_M=PRE_BLOCK_M), num_warps=4, num_stages=1,
+            config=f"{dtype} T=1024 D=64 BLOCK_M={PRE_BLOCK_M} w4", attrs=_divisibility(fn)))
+    return builds
