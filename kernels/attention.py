@@ -35,7 +35,9 @@ kernels as they are, no copy). A dO with a non-unit last stride is copied (`.con
 autograd never produces for this op's output layout. O is allocated as (B, T, H, D) memory and
 returned as its (B, H, T, D) transpose, so the model's `y.transpose(1, 2).reshape(B, T, C)` is free.
 
-fp32 inputs use IEEE fp32 dots (no TF32) so fp32 parity holds to ~1e-6.
+fp32 inputs use IEEE fp32 dots (no TF32) so fp32 parity holds to ~1e-6; on the GPU that is a
+correctness path, not a fast one (FMA dots, one small untuned config per kernel, register spills;
+training runs bf16 under autocast). Only fp16/bf16 builds are registered for the compile report.
 Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (the interpreter's bf16 tl.dot is wrong,
 triton issue 11584) after the same roundings the compiled kernel does (P and dS to the input dtype),
 and one fixed small config is used instead of autotuning.
@@ -395,6 +397,9 @@ DQ_CONFIGS = {
     80: [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3, 64)],
     90: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2, 64), _cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
 }
+# fp32 inputs (accepted, not fast): IEEE fp32 dots run on FMA units with twice the shared memory
+# per tile, so the tables above would not fit; one small config per kernel, no tuning.
+FP32_CONFIGS = {"fwd": _cfg(64, 32, 4, 2), "dkdv": _cfg(32, 64, 4, 2), "dq": _cfg(64, 32, 4, 2)}
 # Under the interpreter: one small config each, BLOCK_M != BLOCK_N so the straddling diagonal
 # tiles are exercised.
 INTERP_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -408,24 +413,26 @@ def _arch_of(t: torch.Tensor) -> int:
     return 90 if major >= 9 else 80
 
 
-def _pruner(table: dict[int, list[triton.Config]]):
+def _pruner(table: dict[int, list[triton.Config]], fp32_config: triton.Config):
     def prune(configs, named_args, **kwargs):
+        if named_args["Q"].dtype == torch.float32:
+            return [fp32_config]
         d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
         keep = {id(c) for c in table[_arch_of(named_args["Q"])] if d <= c.max_head_dim}
         return [c for c in configs if id(c) in keep]
     return prune
 
 
-def _tuned(fn, table):
+def _tuned(fn, table, fp32_config):
     # The autotuner sees every arch's configs and prunes to the running GPU's at first call.
     # No reset_to_zero: no output accumulates across trials (plain stores, no atomics).
     return triton.autotune(configs=table[80] + table[90], key=["HEAD_DIM", "T_BUCKET", "CAUSAL"],
-                           prune_configs_by={"early_config_prune": _pruner(table)})(fn)
+                           prune_configs_by={"early_config_prune": _pruner(table, fp32_config)})(fn)
 
 
-_attn_fwd_tuned = None if interpreting() else _tuned(_attn_fwd, FWD_CONFIGS)
-_attn_bwd_dkdv_tuned = None if interpreting() else _tuned(_attn_bwd_dkdv, DKDV_CONFIGS)
-_attn_bwd_dq_tuned = None if interpreting() else _tuned(_attn_bwd_dq, DQ_CONFIGS)
+_attn_fwd_tuned = None if interpreting() else _tuned(_attn_fwd, FWD_CONFIGS, FP32_CONFIGS["fwd"])
+_attn_bwd_dkdv_tuned = None if interpreting() else _tuned(_attn_bwd_dkdv, DKDV_CONFIGS, FP32_CONFIGS["dkdv"])
+_attn_bwd_dq_tuned = None if interpreting() else _tuned(_attn_bwd_dq, DQ_CONFIGS, FP32_CONFIGS["dq"])
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:

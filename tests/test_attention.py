@@ -212,3 +212,17 @@ def test_gpu_backward_is_deterministic():
     second = _fwd_bwd(kernels.attention, q, k, v, do)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_custom_ops_opcheck_and_compile(kernel_device, expect_launch):
+    """Schema, fake, autograd registration and AOT dispatch of both ops; torch.compile fullgraph."""
+    q, k, v, do = _inputs((1, 2, 40, 32), torch.float32, kernel_device, seed=8)
+    torch.library.opcheck(torch.ops.fastgpt.attention_fwd.default, (q.requires_grad_(), k, v, True, 0.2))
+    o, lse = torch.ops.fastgpt.attention_fwd(q.detach(), k, v, True, 0.2)
+    torch.library.opcheck(torch.ops.fastgpt.attention_bwd.default, (do, q.detach(), k, v, o, lse, True, 0.2))
+    f = torch.compile(lambda q, k, v: kernels.attention(q, k, v), backend="aot_eager", fullgraph=True)
+    with expect_launch("attention_fwd", "attention_bwd_dq"):
+        got = _fwd_bwd(f, q, k, v, do)
+    want = _fwd_bwd(kernels.attention, q, k, v, do)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
