@@ -610,21 +610,25 @@ def _divisibility(fn) -> dict:
 
 
 def _kernel_builds(report: str, fn, table: dict[int, list[triton.Config]], head_dims=(64, 128)) -> list[Build]:
-    out = []
+    """One build per distinct (config, dtype, head dim); the label names the arch table(s) using it."""
+    seen: dict[tuple, list[int]] = {}
     for arch, configs in table.items():
         for c in configs:
             for dtype in ("fp16", "bf16"):
                 for d in head_dims:
                     if d > c.max_head_dim or (d != 64 and dtype != "bf16"):
                         continue
-                    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                    out.append(Build(
-                        kernel=report, fn=fn, signature=_signature(fn, dtype),
-                        constexprs=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, UPCAST_DOT=False,
-                                        DOT_PRECISION="tf32"),
-                        num_warps=c.num_warps, num_stages=c.num_stages,
-                        config=f"sm{arch} {dtype} T=1024 D={d} BLOCK_M={bm} BLOCK_N={bn} w{c.num_warps} s{c.num_stages}",
-                        attrs=_divisibility(fn)))
+                    key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, dtype, d)
+                    seen.setdefault(key, []).append(arch)
+    out = []
+    for (bm, bn, warps, stages, dtype, d), archs in seen.items():
+        out.append(Build(
+            kernel=report, fn=fn, signature=_signature(fn, dtype),
+            constexprs=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, UPCAST_DOT=False, DOT_PRECISION="tf32"),
+            num_warps=warps, num_stages=stages,
+            config=f"{dtype} T=1024 D={d} BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages} "
+                   f"(tuned for {'+'.join(f'sm{a}' for a in archs)})",
+            attrs=_divisibility(fn)))
     return out
 
 
