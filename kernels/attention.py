@@ -3,7 +3,7 @@
 `attention(q, k, v, causal=True, scale=None)` on (B, H, T, D) tensors equals
 `F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)`.
 
-Forward (`_attn_fwd`, one program per (one batch*head, BLOCK_M query rows)):
+Forward (`_attn_fwd`, one program per (BLOCK_M query rows, one batch*head)):
     S = (Q_tile @ K_tile^T) * scale * log2(e), processed one BLOCK_N key tile at a time with an
     online softmax in fp32: running row max m (base 2), running row sum l, accumulator acc (fp32,
     BLOCK_M x D) rescaled by exp2(m_old - m_new) whenever the max grows. P = exp2(S - m) is cast to
@@ -85,10 +85,8 @@ def _attn_fwd(
     CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # T_BUCKET (next_pow2(T)) is unused in the body: it is only an autotune key.
-    # Grid (B*H, query tiles). Causal work grows with the query tile and blocks start in linear
-    # order (axis 0 fastest): every head's longest tile first, the short ones fill the tail.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -211,9 +209,8 @@ def _attn_bwd_dkdv(
     CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_N keys of one (batch, head); loops over BLOCK_M query tiles.
-    # Grid (B*H, key tiles): causal work shrinks with the key tile, so the longest run first.
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -298,10 +295,8 @@ def _attn_bwd_dq(
     CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one (batch, head); loops over BLOCK_N key tiles.
-    # Grid (B*H, query tiles). Causal work grows with the query tile and blocks start in linear
-    # order (axis 0 fastest): every head's longest tile first, the short ones fill the tail.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     k_base = K + b * stride_kb + h * stride_kh
@@ -463,10 +458,10 @@ def _launch_fwd(q, k, v, causal: bool, scale: float):
             H, T, next_pow2(T), scale)
     flags = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
     if interpreting():
-        grid = (B * H, triton.cdiv(T, INTERP_FWD["BLOCK_M"]))
+        grid = (triton.cdiv(T, INTERP_FWD["BLOCK_M"]), B * H)
         _attn_fwd[grid](*args, **flags, **INTERP_FWD)
     else:
-        grid = lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
         _attn_fwd_tuned[grid](*args, **flags)
     count_launch("attention_fwd")
     return o, lse
@@ -488,14 +483,14 @@ def _launch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, *common, *_strides3(dk), *_strides3(dv), *tail)
     dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides3(dq), *tail)
     if interpreting():
-        _attn_bwd_dkdv[(B * H, triton.cdiv(T, INTERP_DKDV["BLOCK_N"]))](*dkdv_args, **flags, **INTERP_DKDV)
+        _attn_bwd_dkdv[(triton.cdiv(T, INTERP_DKDV["BLOCK_N"]), B * H)](*dkdv_args, **flags, **INTERP_DKDV)
         count_launch("attention_bwd_dkdv")
-        _attn_bwd_dq[(B * H, triton.cdiv(T, INTERP_DQ["BLOCK_M"]))](*dq_args, **flags, **INTERP_DQ)
+        _attn_bwd_dq[(triton.cdiv(T, INTERP_DQ["BLOCK_M"]), B * H)](*dq_args, **flags, **INTERP_DQ)
         count_launch("attention_bwd_dq")
     else:
-        _attn_bwd_dkdv_tuned[lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_N"]))](*dkdv_args, **flags)
+        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](*dkdv_args, **flags)
         count_launch("attention_bwd_dkdv")
-        _attn_bwd_dq_tuned[lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"]))](*dq_args, **flags)
+        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*dq_args, **flags)
         count_launch("attention_bwd_dq")
     return dq, dk, dv
 
