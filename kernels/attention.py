@@ -16,10 +16,10 @@ Forward (`_attn_fwd`, one program per (BLOCK_M query rows, one batch*head)):
 Backward (three launches, deterministic: every output element is written by exactly one program,
 no atomics, so no accumulation survives between autotune trials and no reset hook is needed):
     1. `_attn_bwd_preprocess`: delta = rowsum(dO * O) in fp32, (B, H, T).
-    2. `_attn_bwd_dkdv`: one program per BLOCK_N1 keys; iterates over query tiles from the diagonal
+    2. `_attn_bwd_dkdv`: one program per BLOCK_N keys; iterates over query tiles from the diagonal
        down to T (causal) recomputing P^T = exp2(K Q^T * scale*log2e - LSE*log2e):
        dV += P^T dO, dS^T = P^T * (V dO^T - delta), dK += dS^T Q; dK *= scale at the end.
-    3. `_attn_bwd_dq`: one program per BLOCK_M2 queries; iterates over key tiles up to the diagonal:
+    3. `_attn_bwd_dq`: one program per BLOCK_M queries; iterates over key tiles up to the diagonal:
        dQ += dS K; dQ *= scale.
     All accumulation in fp32; dQ, dK, dV are cast to the input dtype.
     Out-of-range query rows (T not a multiple of the tile) are loaded as zeros in q, dO, LSE and
@@ -31,8 +31,8 @@ which only LSE (B*H*T fp32) is new.
 
 Limits: head dim D in {16, 32, 64, 128}; q, k, v of one shape, dtype and device; stride(-1) == 1
 required (q, k, v split from the fused c_attn output qualify: the other strides are passed to the
-kernels as they are, no copy). A dO with a non-unit last stride is copied (`.contiguous()`), which
-autograd never produces for this op's output layout. O is allocated as (B, T, H, D) memory and
+kernels as they are, no copy). A dO with a non-unit last stride (e.g. the expanded gradient of
+`o.sum()`) is copied with `.contiguous()`; the model's gradients arrive with unit stride. O is allocated as (B, T, H, D) memory and
 returned as its (B, H, T, D) transpose, so the model's `y.transpose(1, 2).reshape(B, T, C)` is free.
 
 fp32 inputs use IEEE fp32 dots (no TF32) so fp32 parity holds to ~1e-6; on the GPU that is a
@@ -48,14 +48,11 @@ GPU's architecture, keyed on D, the dtype and T rounded up to a power of two.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import (
-    TORCH_TO_TRITON,
     Build,
     can_launch,
     count_launch,
@@ -65,8 +62,6 @@ from ._launch import (
     why_not,
 )
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -383,7 +378,7 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, max_d: int = 128) -> triton.
 # per warpgroup of 4 warps on 64 rows: 128-row tiles in 8 warps give two warpgroups; all configs
 # there compile to HGMMA. Every (config, head dim <= its limit) was compiled for both sm_80 and
 # sm_90a at T=1024, fp16 and bf16 (the builds registered below): 0 spill bytes, shared memory
-# <= 160 KiB. Candidates that spilled on either architecture were removed, e.g. forward 128x64 in 4
+# <= 128 KiB. Candidates that spilled on either architecture were removed, e.g. forward 128x64 in 4
 # warps at D=128 (the fp32 accumulator alone is 128 registers per thread), dK/dV 64x128 in 4 warps.
 FWD_CONFIGS = {
     80: [_cfg(128, 64, 4, 3, 64), _cfg(128, 32, 4, 3, 64), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)],
