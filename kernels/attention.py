@@ -1,5 +1,641 @@
-"""Placeholder until the Triton kernel lands (see the open issue). Raises, never falls back."""
+"""Causal flash attention (FlashAttention-2 style), forward and backward, on tensor cores.
+
+`attention(q, k, v, causal=True, scale=None)` on (B, H, T, D) tensors equals
+`F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)`.
+
+Forward (`_attn_fwd`, one program per (BLOCK_M query rows, one batch*head)):
+    S = (Q_tile @ K_tile^T) * scale * log2(e), processed one BLOCK_N key tile at a time with an
+    online softmax in fp32: running row max m (base 2), running row sum l, accumulator acc (fp32,
+    BLOCK_M x D) rescaled by exp2(m_old - m_new) whenever the max grows. P = exp2(S - m) is cast to
+    the value dtype for the P @ V dot, so fp16/bf16 inputs use tensor cores for both dots.
+    Loop bounds skip every key tile strictly above the diagonal (never loaded); tiles left of the
+    diagonal run unmasked; only the diagonal tiles (and, without causal, the key tail) are masked.
+    Stored: O = acc / l in the input dtype, and the fp32 logsumexp LSE = (m + log2 l) * ln 2 of the
+    scaled scores, (B, H, T). Nothing of size T x T exists anywhere, in memory or in registers.
+
+Backward (three launches, deterministic: every output element is written by exactly one program,
+no atomics, so no accumulation survives between autotune trials and no reset hook is needed):
+    1. `_attn_bwd_preprocess`: delta = rowsum(dO * O) in fp32, (B, H, T).
+    2. `_attn_bwd_dkdv`: one program per BLOCK_N keys; iterates over query tiles from the diagonal
+       down to T (causal) recomputing P^T = exp2(K Q^T * scale*log2e - LSE*log2e):
+       dV += P^T dO, dS^T = P^T * (V dO^T - delta), dK += dS^T Q; dK *= scale at the end.
+    3. `_attn_bwd_dq`: one program per BLOCK_M queries; iterates over key tiles up to the diagonal:
+       dQ += dS K; dQ *= scale.
+    All accumulation in fp32; dQ, dK, dV are cast to the input dtype.
+    Out-of-range query rows (T not a multiple of the tile) are loaded as zeros in q, dO, LSE and
+    delta, which makes their P^T dO and dS^T Q contributions exactly zero, so the backward needs no
+    bounds mask on the scores, only the causal mask on diagonal tiles.
+
+Saved for backward: q, k, v (the caller's views, not copies), O and LSE: O(B*H*T*D) memory, of
+which only LSE (B*H*T fp32) is new.
+
+Limits: head dim D in {16, 32, 64, 128}; q, k, v of one shape, dtype and device; stride(-1) == 1
+required (q, k, v split from the fused c_attn output qualify: the other strides are passed to the
+kernels as they are, no copy). A dO with a non-unit last stride (e.g. the expanded gradient of
+`o.sum()`) is copied with `.contiguous()`; the model's gradients arrive with unit stride. O is allocated as (B, T, H, D) memory and
+returned as its (B, H, T, D) transpose, so the model's `y.transpose(1, 2).reshape(B, T, C)` is free.
+
+fp32 inputs use IEEE fp32 dots (no TF32) so fp32 parity holds to ~1e-6; on the GPU that is a
+correctness path, not a fast one (FMA dots, one small untuned config per kernel, register spills;
+training runs bf16 under autocast). Only fp16/bf16 builds are registered for the compile report.
+Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (the interpreter's bf16 tl.dot is wrong,
+triton issue 11584) after the same roundings the compiled kernel does (P and dS to the input dtype),
+and one fixed small config is used instead of autotuning.
+
+Autotuning: per kernel a list of configs for sm_80 (mma.sync: 4-8 warps, 2-4 stages) and one for
+sm_90 (wgmma: 128-row tiles in 8 warps, i.e. two warpgroups of 64 rows each), pruned to the running
+GPU's architecture, keyed on D, the dtype and T rounded up to a power of two.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import (
+    Build,
+    can_launch,
+    count_launch,
+    interpreting,
+    next_pow2,
+    register_builds,
+    why_not,
+)
+
+HEAD_DIMS = (16, 32, 64, 128)
 
 
-def attention(q, k, v, causal=True, scale=None):
-    raise NotImplementedError("kernels.attention: the Triton kernel is not written yet")
+# ============================================================================================
+# Kernels
+# ============================================================================================
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    H, T, T_BUCKET, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # T_BUCKET (next_pow2(T)) is unused in the body: it is only an autotune key.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < T
+
+    # (BLOCK_M, D) query tile, held in registers for the whole key loop.
+    q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # scores in base 2: exp(x) == exp2(x * log2 e)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Stage 1: key tiles that need no mask. Causal: keys [0, start_m) lie left of the diagonal
+    # (BLOCK_M % BLOCK_N == 0, so tiles never straddle it) and below T. Not causal: full tiles.
+    if CAUSAL:
+        split = start_m
+        hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        split = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    for start_n in range(0, split, BLOCK_N):
+        rows_n = (start_n + offs_n).to(tl.int64)
+        k = tl.load(k_base + rows_n[:, None] * stride_kt + offs_d[None, :])  # (BLOCK_N, D)
+        v = tl.load(v_base + rows_n[:, None] * stride_vt + offs_d[None, :])
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        p = p.to(v.dtype)
+        if UPCAST_DOT:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    # Stage 2: the diagonal tiles (causal) or the key tail beyond the last full tile; masked.
+    # Every query row sees at least one valid key in the first of these tiles (key start_m for
+    # causal), so the running max is finite before any all-masked row segment appears: no NaN.
+    for start_n in range(split, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < T
+        rows_n = cols.to(tl.int64)
+        k = tl.load(k_base + rows_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_base + rows_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if CAUSAL:
+            keep = offs_m[:, None] >= cols[None, :]
+        else:
+            keep = n_ok[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        p = p.to(v.dtype)
+        if UPCAST_DOT:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of the scaled scores
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
+    tl.store(o_base + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    H, T,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < T
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :],
+                 mask=m_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    H, T, T_BUCKET, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program: BLOCK_N keys of one (batch, head); loops over BLOCK_M query tiles.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    stat_base = pid_bh.to(tl.int64) * T
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < T
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k = tl.load(K + b * stride_kb + h * stride_kh + rows_n * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + rows_n * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Query tiles [start_n, start_n + BLOCK_N) straddle the diagonal (BLOCK_N % BLOCK_M == 0) and
+    # take the causal mask; later ones run unmasked; earlier ones see none of these keys (skipped).
+    if CAUSAL:
+        lo = start_n
+        split = tl.minimum(start_n + BLOCK_N, T)
+    else:
+        lo = 0
+        split = 0
+    for phase in tl.static_range(2):
+        if phase == 0:
+            m_lo = lo
+            m_hi = split
+        else:
+            m_lo = split
+            m_hi = T
+        for start_m in range(m_lo, m_hi, BLOCK_M):
+            cols = start_m + offs_m  # query rows of this tile
+            m_ok = cols < T
+            rows_m = cols.to(tl.int64)[:, None]
+            q = tl.load(q_base + rows_m * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows_m * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            # Zeros past T make those rows' contributions vanish (see the docstring).
+            lse2 = tl.load(LSE + stat_base + cols, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + stat_base + cols, mask=m_ok, other=0.0)
+            if UPCAST_DOT:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            # (BLOCK_N, BLOCK_M): transposed scores, keys down, queries across.
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            pt = tl.math.exp2(st - lse2[None, :])
+            if phase == 0:
+                pt = tl.where(cols[None, :] >= offs_n[:, None], pt, 0.0)
+            pt_lo = pt.to(DO.dtype.element_ty)
+            if UPCAST_DOT:
+                pt_lo = pt_lo.to(tl.float32)
+            dv = tl.dot(pt_lo, do, dv, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dst = (pt * (dpt - delta[None, :])).to(Q.dtype.element_ty)
+            if UPCAST_DOT:
+                dst = dst.to(tl.float32)
+            dk = tl.dot(dst, q, dk, input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + rows_n * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + rows_n * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, T, T_BUCKET, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program: BLOCK_M queries of one (batch, head); loops over BLOCK_N key tiles.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    stat_base = pid_bh.to(tl.int64) * T
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < T
+    rows_m = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows_m * stride_dot + offs_d[None, :],
+                 mask=m_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Keys [0, start_m) are left of the diagonal (BLOCK_M % BLOCK_N == 0): unmasked, all < T.
+    # Keys [start_m, min(start_m + BLOCK_M, T)): diagonal tiles, causal mask. Not causal: every
+    # tile in phase 1, keys past T loaded as zeros and masked.
+    if CAUSAL:
+        split = start_m
+        hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        split = 0
+        hi = T
+    for phase in tl.static_range(2):
+        if phase == 0:
+            n_lo = 0
+            n_hi = split
+        else:
+            n_lo = split
+            n_hi = hi
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            cols = start_n + offs_n
+            rows_n = cols.to(tl.int64)[:, None]
+            if phase == 0:
+                k = tl.load(k_base + rows_n * stride_kt + offs_d[None, :])
+                v = tl.load(v_base + rows_n * stride_vt + offs_d[None, :])
+            else:
+                n_ok = cols < T
+                k = tl.load(k_base + rows_n * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+                v = tl.load(v_base + rows_n * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            if UPCAST_DOT:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            p = tl.math.exp2(s - lse2[:, None])
+            if phase == 1:
+                # Keys past T are zero vectors, but exp2(-lse) may overflow for them: mask anyway.
+                if CAUSAL:
+                    p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+                else:
+                    p = tl.where((cols < T)[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+            if UPCAST_DOT:
+                ds = ds.to(tl.float32)
+            dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_m * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+# ============================================================================================
+# Autotune configs and launchers
+# ============================================================================================
+def _cfg(bm: int, bn: int, warps: int, stages: int, max_d: int = 128) -> triton.Config:
+    c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    c.max_head_dim = max_d  # larger head dims spill with this tile: pruned for them
+    return c
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, largest head dim]). Forward and dQ need
+# BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0 (diagonal tiles never straddle a loop
+# split). sm_80 runs mma.sync per warp (16-row fragments): 4 warps on 64-128 rows. sm_90 runs wgmma
+# per warpgroup of 4 warps on 64 rows: 128-row tiles in 8 warps give two warpgroups; all configs
+# there compile to HGMMA. Every (config, head dim <= its limit) was compiled for both sm_80 and
+# sm_90a at T=1024, fp16 and bf16 (the builds registered below): 0 spill bytes, shared memory
+# <= 128 KiB. Candidates that spilled on either architecture were removed, e.g. forward 128x64 in 4
+# warps at D=128 (the fp32 accumulator alone is 128 registers per thread), dK/dV 64x128 in 4 warps.
+FWD_CONFIGS = {
+    80: [_cfg(128, 64, 4, 3, 64), _cfg(128, 32, 4, 3, 64), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)],
+    90: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2, 64), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3, 64)],
+}
+DKDV_CONFIGS = {  # BLOCK_M: query rows per inner step, BLOCK_N: keys per program
+    80: [_cfg(32, 64, 4, 3), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 4, 64), _cfg(64, 64, 4, 3, 64)],
+    90: [_cfg(64, 64, 4, 3, 64), _cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3, 64), _cfg(64, 128, 8, 1, 64)],
+}
+DQ_CONFIGS = {
+    80: [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3, 64)],
+    90: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2, 64), _cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
+}
+# fp32 inputs (accepted, not fast): IEEE fp32 dots run on FMA units with twice the shared memory
+# per tile, so the tables above would not fit; one small config per kernel, no tuning.
+FP32_CONFIGS = {"fwd": _cfg(64, 32, 4, 2), "dkdv": _cfg(32, 64, 4, 2), "dq": _cfg(64, 32, 4, 2)}
+# Under the interpreter: one small config each, BLOCK_M != BLOCK_N so the straddling diagonal
+# tiles are exercised.
+INTERP_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+PRE_BLOCK_M = 64
+
+
+def _arch_of(t: torch.Tensor) -> int:
+    major, _ = torch.cuda.get_device_capability(t.device)
+    return 90 if major >= 9 else 80
+
+
+def _pruner(table: dict[int, list[triton.Config]], fp32_config: triton.Config):
+    def prune(configs, named_args, **kwargs):
+        if named_args["Q"].dtype == torch.float32:
+            return [fp32_config]
+        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        keep = {id(c) for c in table[_arch_of(named_args["Q"])] if d <= c.max_head_dim}
+        return [c for c in configs if id(c) in keep]
+    return prune
+
+
+def _tuned(fn, table, fp32_config):
+    # The autotuner sees every arch's configs and prunes to the running GPU's at first call.
+    # No reset_to_zero: no output accumulates across trials (plain stores, no atomics).
+    return triton.autotune(configs=table[80] + table[90], key=["HEAD_DIM", "T_BUCKET", "CAUSAL"],
+                           prune_configs_by={"early_config_prune": _pruner(table, fp32_config)})(fn)
+
+
+_attn_fwd_tuned = None if interpreting() else _tuned(_attn_fwd, FWD_CONFIGS, FP32_CONFIGS["fwd"])
+_attn_bwd_dkdv_tuned = None if interpreting() else _tuned(_attn_bwd_dkdv, DKDV_CONFIGS, FP32_CONFIGS["dkdv"])
+_attn_bwd_dq_tuned = None if interpreting() else _tuned(_attn_bwd_dq, DQ_CONFIGS, FP32_CONFIGS["dq"])
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    # fp32 inputs: exact fp32 dots (TF32 would cost ~1e-3 relative error).
+    return dict(UPCAST_DOT=interpreting(), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _new_bhtd(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A (B, H, T, D) tensor over (B, T, H, D) memory: transposing back to (B, T, H*D) is free."""
+    B, H, T, D = like.shape
+    return torch.empty((B, T, H, D), dtype=dtype or like.dtype, device=like.device).transpose(1, 2)
+
+
+def _launch_fwd(q, k, v, causal: bool, scale: float):
+    B, H, T, D = q.shape
+    o = _new_bhtd(q)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    args = (q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+            H, T, next_pow2(T), scale)
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
+    if interpreting():
+        grid = (triton.cdiv(T, INTERP_FWD["BLOCK_M"]), B * H)
+        _attn_fwd[grid](*args, **flags, **INTERP_FWD)
+    else:
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_fwd_tuned[grid](*args, **flags)
+    count_launch("attention_fwd")
+    return o, lse
+
+
+def _launch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    B, H, T, D = q.shape
+    if do.stride(-1) != 1:
+        do = do.contiguous()  # documented copy; autograd hands this op unit-stride gradients
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    _attn_bwd_preprocess[(triton.cdiv(T, PRE_BLOCK_M), B * H)](
+        o, do, delta, *_strides3(o), *_strides3(do), H, T, HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M, num_warps=4)
+    count_launch("attention_bwd_preprocess")
+
+    dq, dk, dv = _new_bhtd(q), _new_bhtd(k), _new_bhtd(v)
+    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do))
+    tail = (H, T, next_pow2(T), scale)
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *common, *_strides3(dk), *_strides3(dv), *tail)
+    dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides3(dq), *tail)
+    if interpreting():
+        _attn_bwd_dkdv[(triton.cdiv(T, INTERP_DKDV["BLOCK_N"]), B * H)](*dkdv_args, **flags, **INTERP_DKDV)
+        count_launch("attention_bwd_dkdv")
+        _attn_bwd_dq[(triton.cdiv(T, INTERP_DQ["BLOCK_M"]), B * H)](*dq_args, **flags, **INTERP_DQ)
+        count_launch("attention_bwd_dq")
+    else:
+        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](*dkdv_args, **flags)
+        count_launch("attention_bwd_dkdv")
+        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*dq_args, **flags)
+        count_launch("attention_bwd_dq")
+    return dq, dk, dv
+
+
+# ============================================================================================
+# Custom ops (torch.compile / FakeTensorMode see through them) and autograd
+# ============================================================================================
+@torch.library.custom_op("fastgpt::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, LSE): O (B, H, T, D) in q's dtype, LSE (B, H, T) fp32."""
+    return _launch_fwd(q, k, v, causal, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, causal, scale):
+    B, H, T, D = q.shape
+    return _new_bhtd(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgpt::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) in the input dtype."""
+    return _launch_bwd(do, q, k, v, o, lse, causal, scale)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, causal, scale):
+    return _new_bhtd(q), _new_bhtd(k), _new_bhtd(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ============================================================================================
+# Public function and reference
+# ============================================================================================
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ causal mask]) v on (B, H, T, D) tensors; scale defaults to D**-0.5."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, H, T, D) shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q, k, v must share one dtype among fp16, bf16, fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[-1]} is not supported; supported: {HEAD_DIMS}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have stride 1 in its last dimension, got strides {tuple(t.stride())}")
+    if not can_launch(q, k, v):
+        raise RuntimeError(f"kernels.attention cannot run: {why_not(q, k, v)}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    o, _ = attention_fwd(q, k, v, bool(causal), float(scale))
+    return o
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        scale: float | None = None) -> torch.Tensor:
+    """Plain PyTorch attention, computed in q's dtype; materializes the (T, T) matrix."""
+    T, D = q.shape[-2], q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+# ============================================================================================
+# Compile-report builds: every autotune config at GPT-2 shapes (T=1024, D=64), fp16 and bf16,
+# and bf16 at D=128 for every config allowed there.
+# ============================================================================================
+_FWD_ARGS = ["Q", "K", "V", "O", "LSE"]
+_BWD_PTRS = {"dkdv": ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV"], "dq": ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ"]}
+
+
+def _signature(fn, dtype: str) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+            sig[name] = "*" + dtype
+        elif name == "sm_scale":
+            sig[name] = "fp32"
+        elif name.startswith("stride_") or name in ("H", "T", "T_BUCKET"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def _divisibility(fn) -> dict:
+    # What the launcher's specialization sees at GPT-2 shapes: 16-byte aligned pointers, strides,
+    # T and T_BUCKET multiples of 16 (H = 12 is not).
+    pointers = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if name in pointers or name.startswith("stride_") or name in ("T", "T_BUCKET")}
+
+
+def _kernel_builds(report: str, fn, table: dict[int, list[triton.Config]], head_dims=(64, 128)) -> list[Build]:
+    """One build per distinct (config, dtype, head dim); the label names the arch table(s) using it."""
+    seen: dict[tuple, list[int]] = {}
+    for arch, configs in table.items():
+        for c in configs:
+            for dtype in ("fp16", "bf16"):
+                for d in head_dims:
+                    if d > c.max_head_dim or (d != 64 and dtype != "bf16"):
+                        continue
+                    key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, dtype, d)
+                    seen.setdefault(key, []).append(arch)
+    out = []
+    for (bm, bn, warps, stages, dtype, d), archs in seen.items():
+        out.append(Build(
+            kernel=report, fn=fn, signature=_signature(fn, dtype),
+            constexprs=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, UPCAST_DOT=False, DOT_PRECISION="tf32"),
+            num_warps=warps, num_stages=stages,
+            config=f"{dtype} T=1024 D={d} BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages} "
+                   f"(tuned for {'+'.join(f'sm{a}' for a in archs)})",
+            attrs=_divisibility(fn)))
+    return out
+
+
+@register_builds
+def _builds() -> list[Build]:
+    builds = _kernel_builds("attention_fwd", _attn_fwd, FWD_CONFIGS)
+    builds += _kernel_builds("attention_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS)
+    builds += _kernel_builds("attention_bwd_dq", _attn_bwd_dq, DQ_CONFIGS)
+    for dtype in ("fp16", "bf16"):
+        fn = _attn_bwd_preprocess
+        builds.append(Build(
+            kernel="attention_bwd_preprocess", fn=fn, signature=_signature(fn, dtype),
+            constexprs=dict(HEAD_DIM=64, BLOCK_M=PRE_BLOCK_M), num_warps=4, num_stages=1,
+            config=f"{dtype} T=1024 D=64 BLOCK_M={PRE_BLOCK_M} w4", attrs=_divisibility(fn)))
+    return builds
