@@ -78,7 +78,9 @@ def gelu(x: torch.Tensor, mode: str = "auto") -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """Causal self-attention on (B, nh, T, hs) views; returns (B, nh, T, hs)."""
     if use_triton(mode, q, k, v):
-        return _kernels().attention(q, k, v, causal=True)
+        # "auto" routes head sizes the kernel has no tiles for to SDPA; "triton" lets the kernel raise.
+        if mode == "triton" or q.shape[-1] in _kernels().ATTENTION_HEAD_DIMS:
+            return _kernels().attention(q, k, v, causal=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 

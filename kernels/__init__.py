@@ -12,6 +12,7 @@ autograd, PyTorch reference). Every public function is a `torch.library` custom 
 """
 from ._launch import can_launch, interpreting, launches, why_not
 from .adamw import FusedAdamW
+from .attention import HEAD_DIMS as ATTENTION_HEAD_DIMS
 from .attention import attention
 from .cross_entropy import linear_cross_entropy
 from .gelu import gelu
@@ -21,6 +22,7 @@ __all__ = [
     "layer_norm",
     "gelu",
     "attention",
+    "ATTENTION_HEAD_DIMS",
     "linear_cross_entropy",
     "FusedAdamW",
     "can_launch",

@@ -183,23 +183,9 @@ def test_tiny_trains_same_with_fused_loss(kernel_device, expect_launch, monkeypa
         assert abs(a - b) <= 1e-4, f"step {i}: logits path {a:.6f} vs fused {b:.6f}"
 
 
-def _all_triton_kernels_ready(device):
-    x = torch.randn(2, 8, device=device)
-    try:
-        kernels.layer_norm(x, torch.ones(8, device=device), torch.zeros(8, device=device))
-        kernels.gelu(x)
-        q = torch.randn(1, 1, 4, 8, device=device)
-        kernels.attention(q, q, q)
-    except NotImplementedError:
-        return False
-    return True
-
-
 def test_reduced_model_all_triton_fused_loss(kernel_device, expect_launch):
     """kernels="triton" throughout (LayerNorm, GELU, attention, FusedAdamW, fused loss), reduced
-    config: return_logits=False vs True per-step losses. Skips until every kernel family exists."""
-    if not _all_triton_kernels_ready(kernel_device):
-        pytest.skip("some Triton kernel families are still placeholders on this branch")
+    config: return_logits=False vs True per-step losses."""
     cfg = GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=64, kernels="triton")
     ref = _train_losses(cfg, True, kernel_device)
     with expect_launch("cross_entropy", "adamw"):

@@ -148,3 +148,20 @@ def test_gpt_triton_without_triton_runtime_is_an_error(monkeypatch):
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=16, kernels="triton"))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_attention_head_dim_without_kernel_tiles(expect_launch):
+    """auto sends a head size the kernel has no tiles for (8) to SDPA; triton refuses it by name."""
+    import kernels
+    from fastgpt import ops
+
+    q = torch.randn(1, 2, 5, 8)
+    before = kernels.launches("attention_fwd")
+    out = ops.attention(q, q, q, "auto")
+    assert kernels.launches("attention_fwd") == before
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+    with pytest.raises(ValueError, match="head dim 8"):
+        ops.attention(q, q, q, "triton")
+    q = torch.randn(1, 2, 5, 16)
+    with expect_launch("attention_fwd"):
+        ops.attention(q, q, q, "auto")
