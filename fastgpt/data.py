@@ -176,6 +176,13 @@ def find_shards(data_root: str | Path, split: str) -> list[Path]:
 def load_shard(path: Path, vocab_size: int, min_tokens: int) -> np.ndarray:
     """The shard as a read-only memory map, after checking dtype, shape, length and every id."""
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e})") from e
+    if magic != b"\x93NUMPY":
+        raise DataError(f"{path}: not a readable .npy file (no NumPy header); shards are saved with np.save")
+    try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:  # object arrays need pickle, which we never allow
         raise DataError(f"{path}: cannot be loaded without pickle ({e}); shards must be integer arrays") from e

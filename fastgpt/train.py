@@ -384,7 +384,7 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
             log(line)
             if master:
                 with open(log_file, "a") as f:
-                    f.write(f"{step} train {loss_val:.6f}\n")
+                    f.write(f"{step} train {loss_val!r} norm {norm_val!r} lr {lr!r}\n")
             if bad_in_row >= MAX_NONFINITE:
                 raise TrainError(f"{bad_in_row} steps in a row had a non-finite loss or gradient norm; the run is "
                                  f"diverging. Lower the learning rate (e.g. --max_lr {cfg.max_lr / 2:g}) and resume "
@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
                 log(f"val loss {last_val:.4f}")
                 if master:
                     with open(log_file, "a") as f:
-                        f.write(f"{done} val {last_val:.6f}\n")
+                        f.write(f"{done} val {last_val!r}\n")
             stopping = stop.requested
             if ddp:  # a signal may reach some ranks only; all must stop at the same step
                 flag = torch.tensor(float(stopping), device=device)
