@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
@@ -85,3 +87,15 @@ def log_records(log_dir: Path) -> tuple[dict[int, tuple[float, float, float]], d
         else:
             val[int(parts[0])] = float(parts[2])
     return train, val
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """Run the module's in-process training on one thread: on a shared 2-core runner, two spinning
+    OpenMP threads per process make small CPU steps several times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
