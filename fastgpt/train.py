@@ -60,6 +60,7 @@ HELP = {
     "eval_interval": "steps between validation losses",
     "eval_steps": "validation micro-batches per evaluation (shared across ranks)",
     "checkpoint_interval": "steps between checkpoints (one is also written at the end)",
+    "keep_checkpoints": "keep only the newest N checkpoints (0: keep all; GPT-2 small is ~1.5 GB each)",
     "seed": "random seed",
     "weight_decay": "AdamW weight decay on matrices and embeddings",
     "grad_clip": "clip the global gradient norm to this (0: no clipping)",
@@ -242,8 +243,9 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
     for name in ("micro_batch_size", "seq_len", "max_steps", "eval_interval", "eval_steps", "checkpoint_interval"):
         if getattr(cfg, name) <= 0:
             raise TrainError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.warmup_steps < 0:
-        raise TrainError(f"--warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    for name in ("warmup_steps", "keep_checkpoints"):
+        if getattr(cfg, name) < 0:
+            raise TrainError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.seq_len > gcfg.block_size:
         raise TrainError(f"--seq_len {cfg.seq_len} exceeds the {model_name} block size {gcfg.block_size}")
     accum = grad_accum_steps(cfg, world)
@@ -335,6 +337,10 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
                 "train_config": asdict(cfg),
                 "world_size": world,
             }, p)
+            if cfg.keep_checkpoints > 0:
+                for _, old in ckpt_io.list_checkpoints(log_dir)[:-cfg.keep_checkpoints]:
+                    if old != p:
+                        old.unlink(missing_ok=True)
         if ddp:
             dist.barrier()
         return p

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_util import ROOT, SHAKESPEARE, env, one_thread  # noqa: F401
+from _train_util import SHAKESPEARE, env
 from fastgpt import cli
 
 FIXTURE = Path(__file__).parent / "data" / "hellaswag_fixture.jsonl"

@@ -226,3 +226,9 @@ def test_ctrl_c_mid_step_finishes_that_step_then_saves(shakespeare, tmp_path, ca
     assert f"stopped at step 4: checkpoint saved to {path}" in out
     assert torch.load(path)["step"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_keep_checkpoints_prunes_the_oldest(shakespeare, tmp_path, capsys, monkeypatch):
+    add_nano(monkeypatch)
+    _train(capsys, nano_args(shakespeare, tmp_path, "--keep_checkpoints", "2", steps_=6))
+    assert sorted(p.name for p in tmp_path.glob("model_*.pt")) == ["model_00004.pt", "model_00006.pt"]
