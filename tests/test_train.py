@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from _train_util import SHAKESPEARE, add_nano, log_records, nano_args, one_thread, run_train, steps
+from _train_util import SHAKESPEARE, add_nano, log_records, nano_args, one_thread, run_train, steps  # noqa: F401
 from fastgpt import data
 from fastgpt.config import TrainConfig
 from fastgpt.train import get_lr, grad_accum_steps, main
