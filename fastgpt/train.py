@@ -70,8 +70,11 @@ HELP = {
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train GPT-2 on token shards (single process or torchrun).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cpu = " ".join(f"--{k} {v}" for k, v in CPU_DEFAULTS.items())
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train GPT-2 on token shards (single process or torchrun). Defaults in brackets.",
+        epilog=f"Without a GPU and without --model, flags you do not give default to: {cpu}. "
+               f"An existing checkpoint in --log_dir is resumed.")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         d = getattr(defaults, f.name)
