@@ -79,6 +79,7 @@ class TrainConfig:
     eval_interval: int = 50
     eval_steps: int = 20
     checkpoint_interval: int = 50
+    keep_checkpoints: int = 0  # keep only the newest N model_*.pt files; 0 keeps all
     seed: int = 1337
     weight_decay: float = 0.1
     grad_clip: float = 1.0

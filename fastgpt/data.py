@@ -1,0 +1,249 @@
+"""Token shards: preparing them and reading them back for training.
+
+A dataset directory holds 1-D integer `.npy` files per split, `train_00000.npy`, `val_00000.npy`, ...
+(uint16 when every id fits, as GPT-2's 50,257 do). Preparation tokenizes with the GPT-2 encoding
+(ordinary text, no special tokens) and splits 90/10.
+
+`ShardLoader` cuts each shard into consecutive chunks of B*T+1 tokens (inputs and targets shifted by
+one) and numbers the chunks of all shards in one sequence. Rank r of a world of W ranks takes chunks
+r, r+W, r+2W, ...: a step of W ranks reads exactly the chunks one process would read in W
+consecutive micro-steps, so a run's data does not depend on how many processes share it. The loader's
+state is the next chunk as (shard, position), which checkpoints save.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DEFAULT_SHARD_TOKENS = 100_000_000
+
+
+class DataError(ValueError):
+    """A dataset that cannot be prepared or trained on; the message names the file."""
+
+
+def cache_dir() -> Path:
+    """Where downloads go: $FASTGPT_CACHE, else ~/.cache/fastgpt."""
+    root = os.environ.get("FASTGPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastgpt"
+    return Path(root)
+
+
+def download(url: str, dest: Path, what: str, hint: str) -> Path:
+    """Fetch url to dest (atomically) unless it is already there; a clear error when offline."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + f".part{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download {what} from {url} ({e}). Offline? {hint}") from e
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing shards
+# ------------------------------------------------------------------------------------------------
+def _token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def write_split(tokens: np.ndarray, out: Path, split: str, shard_tokens: int | None = None) -> list[Path]:
+    """Write tokens as out/{split}_00000.npy, {split}_00001.npy, ... of at most shard_tokens each."""
+    out.mkdir(parents=True, exist_ok=True)
+    size = shard_tokens or max(len(tokens), 1)
+    paths = []
+    for i, start in enumerate(range(0, max(len(tokens), 1), size)):
+        p = out / f"{split}_{i:05d}.npy"
+        np.save(p, tokens[start:start + size])
+        paths.append(p)
+    return paths
+
+
+def _save_train_val(tokens: list[int], out: str | Path, val_fraction: float, shard_tokens: int | None) -> tuple[int, int]:
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val_fraction must be in (0, 1), got {val_fraction}")
+    if shard_tokens is not None and shard_tokens <= 0:
+        raise DataError(f"--shard_tokens must be positive, got {shard_tokens}")
+    from .tokenizer import N_VOCAB
+
+    arr = np.asarray(tokens, dtype=_token_dtype(N_VOCAB))
+    split = int(len(arr) * (1.0 - val_fraction))
+    out = Path(out)
+    # Stale shards from an earlier, larger preparation would otherwise be read as part of this one.
+    for old in out.glob("*.npy") if out.exists() else []:
+        if _split_of(old.name) in ("train", "val"):
+            old.unlink()
+    write_split(arr[:split], out, "train", shard_tokens)
+    write_split(arr[split:], out, "val", shard_tokens)
+    n_train, n_val = split, len(arr) - split
+    print(f"Saved {n_train:,} train tokens and {n_val:,} val tokens")
+    return n_train, n_val
+
+
+def prepare_shakespeare(input: str | Path | None = None, out: str | Path = "shakespeare_data") -> tuple[int, int]:
+    """Tiny Shakespeare -> out/train_00000.npy (90%) and out/val_00000.npy (10%)."""
+    if input is None:
+        input = download(SHAKESPEARE_URL, cache_dir() / "tinyshakespeare.txt", "Tiny Shakespeare",
+                         "Download input.txt elsewhere and pass it: fastgpt prepare shakespeare --input FILE")
+    path = Path(input)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (pass the Tiny Shakespeare input.txt with --input)")
+    return prepare_texts([path], out)
+
+
+def prepare_texts(files: list[str | Path], out: str | Path, val_fraction: float = 0.1,
+                  shard_tokens: int | None = None) -> tuple[int, int]:
+    """Plain-text files, joined by newlines, tokenized and split into train/val shards."""
+    from .tokenizer import get_encoding
+
+    texts = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise DataError(f"{p}: no such file")
+        try:
+            texts.append(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text ({e})") from e
+    tokens = get_encoding().encode_ordinary("\n".join(texts))
+    if len(tokens) < 2:
+        raise DataError(f"{', '.join(map(str, files))}: fewer than 2 tokens of text")
+    return _save_train_val(tokens, out, val_fraction, shard_tokens)
+
+
+def prepare_hf(dataset: str, out: str | Path, name: str | None = None, split: str = "train",
+               text_field: str = "text", val_fraction: float = 0.1, shard_tokens: int | None = None,
+               limit: int | None = None) -> tuple[int, int]:
+    """A HuggingFace dataset's text column; documents are separated by <|endoftext|>."""
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise DataError("`fastgpt prepare hf` needs the `datasets` package: pip install 'fastgpt[hf]'") from e
+    from .tokenizer import EOT_TOKEN, get_encoding
+
+    try:
+        ds = load_dataset(dataset, name, split=split)
+    except Exception as e:
+        raise DataError(f"could not load dataset {dataset!r} ({type(e).__name__}: {e})") from e
+    if text_field not in ds.column_names:
+        raise DataError(f"dataset {dataset!r} has no column {text_field!r}; columns: {ds.column_names} "
+                        f"(choose one with --text_field)")
+    enc = get_encoding()
+    tokens: list[int] = []
+    for i, ex in enumerate(ds):
+        if limit is not None and i >= limit:
+            break
+        if tokens:
+            tokens.append(EOT_TOKEN)
+        tokens.extend(enc.encode_ordinary(ex[text_field]))
+    return _save_train_val(tokens, out, val_fraction, shard_tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading shards
+# ------------------------------------------------------------------------------------------------
+_SPLIT_RE = re.compile(r"(?:^|[_\-.])(train|val)(?:[_\-.]|$)")
+
+
+def _split_of(filename: str) -> str | None:
+    m = _SPLIT_RE.search(filename)
+    return m.group(1) if m else None
+
+
+def find_shards(data_root: str | Path, split: str) -> list[Path]:
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"data directory {str(root)!r} not found: run `fastgpt prepare shakespeare` first "
+                        f"(or pass --data_root DIR holding train_*.npy and val_*.npy)")
+    shards = sorted(p for p in root.iterdir() if p.suffix == ".npy" and _split_of(p.name) == split)
+    if not shards:
+        raise DataError(f"no {split} shards (*{split}_*.npy) in {root}: run `fastgpt prepare shakespeare` first")
+    return shards
+
+
+def load_shard(path: Path, vocab_size: int, min_tokens: int) -> np.ndarray:
+    """The shard as a read-only memory map, after checking dtype, shape, length and every id."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e})") from e
+    if magic != b"\x93NUMPY":
+        raise DataError(f"{path}: not a readable .npy file (no NumPy header); shards are saved with np.save")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle, which we never allow
+        raise DataError(f"{path}: cannot be loaded without pickle ({e}); shards must be integer arrays") from e
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from e
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{path}: expected one array, found {type(arr).__name__}")
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"{path}: dtype {arr.dtype} is not an integer type; token shards hold integer ids")
+    if arr.ndim != 1:
+        raise DataError(f"{path}: shape {arr.shape} is not 1-D; token shards are flat arrays of ids")
+    if len(arr) < min_tokens:
+        raise DataError(f"{path}: {len(arr):,} tokens is too short for one batch of {min_tokens:,} "
+                        f"(micro_batch_size x seq_len + 1); lower --micro_batch_size or --seq_len")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad_mask = (arr < 0) | (arr >= vocab_size)
+        i = int(np.flatnonzero(bad_mask)[0])
+        raise DataError(f"{path}: token id {int(arr[i])} at index {i:,} is outside the vocabulary "
+                        f"[0, {vocab_size})")
+    return arr
+
+
+class ShardLoader:
+    """(x, y) batches of shape (B, T) from one split, strided across DDP ranks (see module docstring)."""
+
+    def __init__(self, data_root: str | Path, split: str, B: int, T: int, rank: int = 0, world: int = 1,
+                 vocab_size: int = 50257, verbose: bool = True):
+        self.B, self.T, self.rank, self.world = B, T, rank, world
+        self.paths = find_shards(data_root, split)
+        if verbose:
+            print(f"found {len(self.paths)} shards for split {split}")
+        self.shards = [load_shard(p, vocab_size, B * T + 1) for p in self.paths]
+        counts = [(len(s) - 1) // (B * T) for s in self.shards]  # whole chunks per shard
+        self.starts = np.cumsum([0] + counts).tolist()  # chunk index where each shard begins
+        self.total = self.starts[-1]
+        self.next = 0  # the chunk rank 0 reads next; rank r reads next + r
+
+    def _locate(self, chunk: int) -> tuple[int, int]:
+        chunk %= self.total
+        shard = bisect.bisect_right(self.starts, chunk) - 1
+        return shard, (chunk - self.starts[shard]) * self.B * self.T
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shard, pos = self._locate(self.next + self.rank)
+        self.next += self.world
+        n = self.B * self.T
+        buf = torch.from_numpy(self.shards[shard][pos:pos + n + 1].astype(np.int64))
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+    def reset(self) -> None:
+        self.next = 0
+
+    def state_dict(self) -> dict:
+        shard, pos = self._locate(self.next)
+        return {"shard": shard, "position": pos, "epoch": self.next // self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        shard, pos = int(state["shard"]), int(state["position"])
+        if not 0 <= shard < len(self.shards):
+            raise DataError(f"loader state points at shard {shard} but only {len(self.shards)} shards exist")
+        # position // (B*T) also maps a state saved with another batch shape to a whole chunk.
+        self.next = int(state.get("epoch", 0)) * self.total + self.starts[shard] + pos // (self.B * self.T)
+

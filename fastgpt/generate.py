@@ -1,0 +1,53 @@
+"""Autoregressive sampling, with a KV cache.
+
+With the cache the prompt runs once (prefill) and each new token costs one position per layer. When
+the sequence outgrows block_size the window slides: the cache is rebuilt from the last block_size
+tokens, exactly what the cache-free path feeds the model, so both give the same tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import KVCache
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """logits (B, V) -> next ids (B, 1). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """idx (B, T) -> (B, T + max_new_tokens): each new token drawn from the model's next-token distribution."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
+    cfg = model.config
+    block = cfg.block_size
+    out = idx
+    cache: KVCache | None = None
+    dtype = next(model.parameters()).dtype
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits, _ = model(out[:, -block:])
+        elif cache is None or cache.pos >= block:
+            ctx = out[:, -block:]
+            # (Re)fill from the last block_size tokens; the cache spans the whole position table.
+            cache = KVCache(cfg, out.shape[0], block, out.device, dtype)
+            logits, _ = model(ctx, kv_cache=cache)
+        else:
+            logits, _ = model(out[:, -1:], kv_cache=cache)
+        nxt = _pick(logits[:, -1, :], temperature, top_k, generator)
+        out = torch.cat([out, nxt.to(out.dtype)], dim=1)
+    return out

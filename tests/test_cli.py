@@ -1,0 +1,125 @@
+"""The `fastgpt` command through `python -m fastgpt` (the installed console script calls the same main)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_util import SHAKESPEARE, env
+from fastgpt import cli
+
+FIXTURE = Path(__file__).parent / "data" / "hellaswag_fixture.jsonl"
+
+
+def fastgpt(*args, cwd, check=True, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "fastgpt", *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd, env=env(), timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A user's directory after `fastgpt prepare shakespeare` and a one-step `fastgpt train` with CPU defaults."""
+    d = tmp_path_factory.mktemp("user")
+    prep = fastgpt("prepare", "shakespeare", "--input", SHAKESPEARE, cwd=d)
+    train = fastgpt("train", "--max_steps", "1", cwd=d)
+    return d, prep, train
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("hf")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(d)
+    return d
+
+
+def test_prepare_prints_the_exact_counts(workdir):
+    d, prep, _ = workdir
+    assert "Saved 304,222 train tokens and 33,803 val tokens" in prep.stdout
+    assert sorted(p.name for p in (d / "shakespeare_data").iterdir()) == ["train_00000.npy", "val_00000.npy"]
+
+
+def test_train_on_cpu_picks_the_cpu_preset_and_says_so(workdir):
+    d, _, train = workdir
+    out = train.stdout
+    lines = out.splitlines()
+    assert lines[:3] == ["found 1 shards for split train", "found 1 shards for split val", "using device: cpu"]
+    assert "no GPU: using the CPU-sized preset 'tiny'" in out and "--model gpt2" in out
+    assert "step 0 | loss: 10." in out and "val loss " in out
+    ckpt = torch.load(d / "log" / "model_00001.pt")
+    assert ckpt["config"]["n_layer"] == 4 and ckpt["train_config"]["total_batch_size"] == 1024
+
+
+def test_help_lists_every_command(tmp_path):
+    out = fastgpt("--help", cwd=tmp_path).stdout
+    for cmd in ("prepare", "train", "generate", "eval", "validate"):
+        assert cmd in out
+    assert "--total_batch_size" in fastgpt("train", "--help", cwd=tmp_path).stdout
+    r = subprocess.run([sys.executable, "-m", "fastgpt.train", "--help"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env())
+    assert r.returncode == 0 and "--micro_batch_size" in r.stdout
+
+
+def test_train_without_data_gives_the_prepare_hint(tmp_path):
+    r = fastgpt("train", "--max_steps", "1", cwd=tmp_path, check=False)
+    assert r.returncode == 1
+    assert "run `fastgpt prepare shakespeare` first" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_from_a_checkpoint_cache_equals_no_cache(workdir):
+    d, _, _ = workdir
+    args = ["generate", "--checkpoint", "log/model_00001.pt", "--prompt", "ROMEO:", "--max_new_tokens", "12",
+            "--temperature", "0"]
+    a = fastgpt(*args, cwd=d).stdout
+    b = fastgpt(*args, "--no_cache", cwd=d).stdout
+    assert a.startswith("ROMEO:") and a == b
+    s = fastgpt("generate", "--checkpoint", "log/model_00001.pt", "--num_samples", "2", "--max_new_tokens", "5",
+                "--seed", "1", cwd=d).stdout
+    assert s.count("--- sample") == 2
+
+
+def test_eval_hellaswag_on_the_fixture(workdir, hf_dir):
+    d, _, _ = workdir
+    out = fastgpt("eval", "hellaswag", "--checkpoint", "log/model_00001.pt", "--data", FIXTURE, cwd=d).stdout
+    assert "5 examples | acc: " in out and "acc_norm: " in out
+    out = fastgpt("eval", "hellaswag", "--model", hf_dir, "--data", FIXTURE, "--limit", "3", cwd=d).stdout
+    assert "3 examples" in out
+    bad = d / "bad.jsonl"
+    bad.write_text(FIXTURE.read_text() + "{oops\n")
+    r = fastgpt("eval", "hellaswag", "--checkpoint", "log/model_00001.pt", "--data", bad, cwd=d, check=False)
+    assert r.returncode == 1 and "bad.jsonl:6: not valid JSON" in r.stderr
+
+
+def test_validate_against_transformers(hf_dir, tmp_path):
+    r = fastgpt("validate", "--model", hf_dir, "--prompt", "Hello world", "--kernels", "torch", cwd=tmp_path)
+    out = r.stdout
+    assert "max |logit difference|:" in out and "fastgpt greedy:" in out and "transformers greedy:" in out
+    assert "continuations match" in out and out.strip().endswith("OK")
+    r = fastgpt("validate", "--model", tmp_path / "nowhere", cwd=tmp_path, check=False)
+    assert r.returncode == 1 and "nowhere" in r.stderr
+
+
+def test_validate_fails_beyond_tolerance(hf_dir, monkeypatch, capsys):
+    from fastgpt.model import GPT
+
+    real = GPT.forward
+
+    def off_by_a_bit(self, *a, **k):
+        logits, loss = real(self, *a, **k)
+        return logits + 0.01, loss
+
+    monkeypatch.setattr(GPT, "forward", off_by_a_bit)
+    rc = cli.main(["validate", "--model", str(hf_dir), "--kernels", "torch", "--device", "cpu"])
+    assert rc == 1
+    assert "FAIL: logits differ by 1.000e-02" in capsys.readouterr().out
+
+
+def test_generate_needs_a_model(tmp_path, capsys):
+    assert cli.main(["generate", "--prompt", "hi"]) == 1
+    assert "--checkpoint" in capsys.readouterr().err
