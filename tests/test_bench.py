@@ -94,6 +94,23 @@ def test_memory_fastgpt_runs_its_custom_ops(gpt2_b16):
     assert ops.use_triton.__module__ == "fastgpt.ops"  # the switch is undone after the run
 
 
+def test_attention_wrapper_reaches_fake_impl_but_refuses_real_cpu(monkeypatch):
+    """kernels.attention checks launchability inside the custom op, so fake tensors (the memory model,
+    torch.compile tracing) reach the fake implementation, while real CPU tensors without the
+    interpreter still get the explanatory error."""
+    import kernels
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 17, 64, dtype=torch.bfloat16)
+        o = kernels.attention(q, q, q)
+    assert o.shape == q.shape and o.transpose(1, 2).is_contiguous()  # (B, T, H, D) memory
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="cannot run"):
+        kernels.attention(q, q, q)
+
+
 def test_memory_flash_stand_in_matches_sdpa():
     q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
     o, lse = memory.flash_attention(q, k, v, True)
