@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -214,6 +213,8 @@ def fastgpt_kernels_as_on_cuda():
     """
     from fastgpt import ops
 
+    if ops._kernels() is None:
+        raise RuntimeError(f"the fastgpt systems need the kernels package (triton): {ops._kernels_error!r}")
     old = ops.use_triton
     ops.use_triton = lambda mode, *tensors: old(mode) if mode == "torch" else True
     try:
