@@ -12,23 +12,29 @@ Saved-tensor hooks record, per layer and per sub-module, what autograd keeps for
 (unique storages), which gives the per-layer table and the comparison with Korthikanti et al.
 
 The CPU-only torch build cannot run autograd on fake *CUDA* tensors, so the fake tensors are CPU
-tensors, and three things that differ between CPU and CUDA are made to behave as on CUDA:
+tensors, and what differs between CPU and CUDA is made to behave as on CUDA:
 1. autocast: CPU autocast has a different op policy (on CUDA layer_norm, softmax, log_softmax and the
    losses run in fp32; on CPU they do not). `CudaAutocast` (a TorchFunctionMode) applies the CUDA
    bf16 policy to the functions these models call, including autocast's cache of weight casts.
-2. attention: on CUDA, SDPA with is_causal picks the flash backend, which saves q, k, v, the output
-   (allocated (B, T, H, D) and returned transposed) and a fp32 logsumexp (B, H, T), never (T, T).
-   SDPA calls are routed to `fgbench::flash_attention`, a custom op whose autograd saves exactly that.
-   HF's eager attention is left alone: it really materialises the (T, T) scores and probabilities.
-3. fastgpt's kernels: on CPU `fastgpt.ops` would take its PyTorch branch. The Triton kernels' saved
-   sets are modelled instead: attention saves q, k, v, O and a fp32 logsumexp (same as flash; O is
-   assumed contiguous (B, H, T, D), so merging heads copies it once more, as in the torch path);
-   layer_norm saves x, weight, bias and fp32 mean/rstd (the same as F.layer_norm); gelu saves its
-   input (same as F.gelu); the fused linear cross-entropy computes dx (N, C) and dweight (V, C) in
-   fp32 during the forward, chunk by chunk, and saves those two instead of any logits.
-   `ops.linear_cross_entropy` is patched to `_fused_linear_ce`, which allocates what the kernel
-   allocates (per chunk: fp32 logits of chunk x V, freed after the chunk). AdamW state is the same
-   for kernels.FusedAdamW as for torch's fused AdamW (two fp32 moments per parameter).
+2. SDPA (nanogpt, hf-sdpa): on CUDA, SDPA with is_causal picks the flash backend, which saves q, k, v,
+   the output (allocated (B, T, H, D) and returned transposed) and a fp32 logsumexp (B, H, T), never
+   (T, T). SDPA calls are routed to `fgbench::flash_attention`, a custom op whose autograd saves exactly
+   that. HF's eager attention is left alone: it really materialises the (T, T) scores and probabilities.
+3. fastgpt runs its real kernels' custom ops. On CPU tensors `fastgpt.ops.use_triton` says no (no
+   CUDA, no interpreter) and the model would take its PyTorch branch; `fastgpt_kernels_as_on_cuda`
+   makes it say yes for the memory run, because these fake CPU tensors stand for CUDA tensors, where
+   it says yes. The model then calls kernels.layer_norm / gelu / attention / linear_cross_entropy and
+   the optimizer is kernels.FusedAdamW, i.e. the custom ops fastgpt::layer_norm_fwd, gelu_fwd,
+   attention_fwd, linear_cross_entropy, adamw_step (and the backward ops). Under FakeTensorMode a
+   custom op runs its registered fake implementation (output shapes, dtypes and strides; nothing
+   launches), and autograd saves what each op's registered setup_context saves: what the kernels
+   keep for the backward on CUDA. `FastgptOps` (a TorchDispatchMode) counts these calls and, because
+   a fake implementation allocates only the outputs, holds around each call the workspace the real
+   op allocates inside and frees before returning, sized from the kernel module's own constants:
+   for the fused loss the vocabulary-padded weight copy and one chunk's logits and dweight product
+   (kernels/cross_entropy.py), for attention's backward its fp32 delta (B, H, T). It also passes the
+   fused loss the compute dtype its public function reads from CUDA autocast (bf16), which
+   CudaAutocast cannot set for CPU tensors.
 
 Other assumptions (printed with the results): dropout 0 everywhere (HF configs too); HF's loss shifts
 labels (T-1 targets per row); no gradient clipping; CUDA's caching allocator rounds every block to 512
@@ -40,13 +46,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 BF16 = torch.bfloat16
 SYSTEMS = ("fastgpt", "fastgpt-logits", "nanogpt", "hf-eager", "hf-sdpa")
@@ -65,7 +72,7 @@ MODELS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128),
 }
 VOCAB = 50257
-CE_CHUNK_ROWS = 1024  # rows of the fused cross-entropy per chunk (modelled; see --ce-chunk)
+CE_CHUNK_ROWS = 0  # rows per chunk of fastgpt's fused loss; 0: the kernel's own choice (see --ce-chunk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,7 +127,7 @@ class CudaAutocast(TorchFunctionMode):
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Attention that saves what CUDA's flash attention (and fastgpt's kernel) saves.
+# 2. SDPA (nanogpt, HF sdpa) that saves what CUDA's flash backend saves.
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fgbench::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -182,59 +189,106 @@ def _fa_backward(ctx, do, dlse):
 
 
 flash_attention.register_autograd(_fa_backward, setup_context=_fa_setup)
-_ATTN_LAYOUT = {"bthd": True}  # flash's output layout; fastgpt's kernel output is modelled as (B, H, T, D)
 
 
 def _sdpa_as_on_cuda(mode, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
     if attn_mask is not None:
         # CUDA would pick the memory-efficient backend: it also saves out + lse, plus the mask.
         mode.sdpa_masks.append(f"mask {tuple(attn_mask.shape)} {attn_mask.dtype}")
-    o, _ = flash_attention(q, k, v, _ATTN_LAYOUT["bthd"])
+    o, _ = flash_attention(q, k, v, True)
     return o
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. fastgpt's fused linear cross-entropy: dx, dweight in the forward, chunk by chunk.
+# 3. fastgpt: its real custom ops (fake implementations + registered autograd), plus their workspace.
 # ------------------------------------------------------------------------------------------------
-class _FusedLinearCE(torch.autograd.Function):
+@contextlib.contextmanager
+def fastgpt_kernels_as_on_cuda():
+    """Make `fastgpt.ops` pick the Triton kernels for the fake CPU tensors, as it does for CUDA ones.
+
+    `ops.use_triton` asks `kernels.can_launch`, which accepts CUDA tensors (or CPU ones under the
+    interpreter). The memory run's fake tensors are CPU only because this torch build cannot record
+    autograd on fake CUDA tensors; they stand for CUDA tensors, so the answer CUDA would get is forced.
+    Nothing launches: under FakeTensorMode every fastgpt:: custom op runs its fake implementation.
+    """
+    from fastgpt import ops
+
+    if ops._kernels() is None:
+        raise RuntimeError(f"the fastgpt systems need the kernels package (triton): {ops._kernels_error!r}")
+    old = ops.use_triton
+    ops.use_triton = lambda mode, *tensors: old(mode) if mode == "torch" else True
+    try:
+        yield
+    finally:
+        ops.use_triton = old
+
+
+class FastgptOps(TorchDispatchMode):
+    """Counts fastgpt:: custom-op calls and holds, around each, the workspace its real implementation
+    allocates inside and frees before returning (a fake implementation allocates only the outputs).
+
+    Entered inside MemTracker, so the workspace tensors (fake, allocated below this mode) are tracked.
+    """
+
+    def __init__(self, compute_dtype: torch.dtype = BF16, ce_chunk_rows: int = 0):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.ce_chunk_rows = ce_chunk_rows
+        self.calls: Counter = Counter()
+        self.workspace: dict[str, int] = {}  # op -> largest workspace bytes held around one call
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "namespace", None) != "fastgpt":
+            return func(*args, **kwargs)
+        name = func.name().split("::", 1)[1]
+        self.calls[name] += 1
+        if name == "linear_cross_entropy":
+            args = list(args)
+            # kernels.linear_cross_entropy takes the compute dtype from torch's CUDA autocast state
+            # (bf16 here); CudaAutocast is a TorchFunctionMode and cannot set it for CPU tensors.
+            args[5] = self.compute_dtype
+            if self.ce_chunk_rows:
+                args[6] = self.ce_chunk_rows
+            work = self._ce_workspace(*args)
+        elif name == "attention_bwd":
+            work = self._attention_bwd_workspace(*args)
+        else:
+            work = []  # layer_norm_bwd's per-program partial sums (2 x 2*SMs x C fp32, < 4 MiB): not modelled
+        nbytes = sum(t.untyped_storage().nbytes() for t in work)
+        self.workspace[name] = max(self.workspace.get(name, 0), nbytes)
+        out = func(*args, **kwargs)
+        del work  # freed after the outputs exist: the op's peak is outputs + workspace
+        return out
+
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk):
+    def _ce_workspace(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_rows, need_dx, need_dw):
+        """What kernels.cross_entropy._forward allocates besides its outputs, at its largest (inside a chunk)."""
+        from kernels import cross_entropy as ce
+
         N, C = x.shape
-        xb, wb = x.to(BF16), weight.to(BF16)  # autocast: the kernel's matmuls run in bf16
-        dx = torch.empty(N, C, dtype=torch.float32, device=x.device)
-        dw = torch.zeros_like(weight, dtype=torch.float32)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        valid = (targets != -1).sum().clamp(min=1)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            t = targets[s:e]
-            ok = (t != -1)[:, None]
-            tc = t.clamp(min=0)[:, None]
-            # (chunk, V) fp32 logits: the only logits ever alive. The Triton kernel then works in place:
-            # logsumexp, loss, and softmax - onehot scaled by 1/valid become the logits' gradient.
-            # (the bf16 GEMM output is copied into the fp32 buffer: 6 bytes per logit at the chunk's peak)
-            logits = torch.empty(e - s, wb.shape[0], dtype=torch.float32, device=x.device)
-            logits.copy_(xb[s:e] @ wb.t())
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss = loss + ((lse - logits.gather(1, tc)) * ok).sum()
-            logits.sub_(lse).exp_().scatter_add_(1, tc, torch.full_like(lse, -1.0)).mul_(ok / valid)
-            g = logits.to(BF16)  # bf16 operand of the two gradient matmuls
-            del logits
-            dx[s:e] = g @ wb
-            dw.add_(g.t() @ xb[s:e])
-            del g
-        ctx.save_for_backward(dx, dw)
-        ctx.dtypes = (x.dtype, weight.dtype)
-        return loss / valid
+        V = weight.shape[0]
+        v_pad = -(-V // ce.VOCAB_ALIGN) * ce.VOCAB_ALIGN
+        rows = ce._chunk_rows(N, v_pad, chunk_rows)
+        work = [torch.empty(N, dtype=torch.float32)]  # per-row losses
+        if v_pad != V or weight.dtype != compute_dtype:  # the weight, zero-padded to v_pad rows
+            work.append(torch.empty(v_pad, C, dtype=compute_dtype))
+        if x.dtype != compute_dtype:  # one chunk of x in the compute dtype
+            work.append(torch.empty(rows, C, dtype=compute_dtype))
+        work.append(torch.empty(rows, v_pad, dtype=compute_dtype))  # the chunk's logits, then their gradient
+        if need_dw:  # grad_logits.T @ x_chunk (v_pad, C), added into the fp32 dweight accumulator
+            work.append(torch.empty(v_pad, C, dtype=compute_dtype))
+        elif need_dx:  # grad_logits @ w (rows, C), copied into dx
+            work.append(torch.empty(rows, C, dtype=compute_dtype))
+        return work
 
     @staticmethod
-    def backward(ctx, grad):
-        dx, dw = ctx.saved_tensors
-        return (dx * grad).to(ctx.dtypes[0]), (dw * grad).to(ctx.dtypes[1]), None, None
-
-
-def _fused_linear_ce(x, weight, targets, mode="auto"):
-    return _FusedLinearCE.apply(x, weight, targets, CE_CHUNK_ROWS)
+    def _attention_bwd_workspace(do, q, k, v, o, lse, causal, scale):
+        B, H, T, _ = q.shape
+        work = [torch.empty(B, H, T, dtype=torch.float32)]  # delta = rowsum(dO * O)
+        if do.stride(-1) != 1:
+            work.append(torch.empty(do.shape, dtype=do.dtype))
+        return work
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,40 +307,32 @@ def _hf(size: dict, seq: int, attn: str):
 
 
 def build(system: str, size: dict, seq: int):
-    """(model, forward(idx) -> loss, context manager that makes the forward behave as on CUDA)."""
+    """(model, forward(idx) -> loss, optimizer factory, context manager that makes the step behave as on CUDA)."""
     if system.startswith("fastgpt"):
-        from fastgpt import ops
         from fastgpt.config import GPTConfig
         from fastgpt.model import GPT
 
-        model = GPT(GPTConfig(vocab_size=VOCAB, block_size=max(seq, 1024), kernels="torch", **size))
+        model = GPT(GPTConfig(vocab_size=VOCAB, block_size=max(seq, 1024), kernels="auto", **size))
         fused = system == "fastgpt"
         # _check_input reads token values (int(idx.max())): fake tensors have none, and it allocates nothing.
         model._check_input = lambda idx: None
 
-        @contextlib.contextmanager
-        def patch():
-            old = ops.linear_cross_entropy
-            _ATTN_LAYOUT["bthd"] = False
-            ops.linear_cross_entropy = _fused_linear_ce
-            try:
-                yield
-            finally:
-                ops.linear_cross_entropy = old
-                _ATTN_LAYOUT["bthd"] = True
-
         def fwd(idx):
             return model(idx, idx, return_logits=not fused)[1]
 
-        return model, fwd, patch
+        def make_opt():  # the training script's optimizer: kernels.FusedAdamW once ops picks Triton
+            with fastgpt_kernels_as_on_cuda():
+                return model.configure_optimizers(0.1, 1e-4, device_type="cuda")
+
+        return model, fwd, make_opt, fastgpt_kernels_as_on_cuda
     if system == "nanogpt":
         from bench.nanogpt import NanoConfig, NanoGPT
 
         model = NanoGPT(NanoConfig(vocab_size=VOCAB, block_size=max(seq, 1024), **size))
-        return model, (lambda idx: model(idx, idx)[1]), contextlib.nullcontext
+        return model, (lambda idx: model(idx, idx)[1]), (lambda: make_adamw(model)), contextlib.nullcontext
     if system in ("hf-eager", "hf-sdpa"):
         model, fwd = _hf(size, seq, system[3:])
-        return model, fwd, contextlib.nullcontext
+        return model, fwd, (lambda: make_adamw(model)), contextlib.nullcontext
     raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")
 
 
@@ -311,7 +357,7 @@ class SavedTensors:
         self.cast_bytes = 0
         self.scope = "embed"
         self.sub = ""
-        self.seen: dict[int, tuple[str, str, int, str]] = {}
+        self.seen: dict[int, tuple[str, str, int, str, tuple]] = {}  # storage -> scope, sub, bytes, dtype, shape
         self.param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
         self.handles = []
         blocks = _blocks(model)
@@ -348,9 +394,9 @@ class SavedTensors:
         if key in self.seen or key in self.param_storages:
             return t
         if any(c.untyped_storage()._cdata == key for c in self.autocast.cache.values()):
-            self.seen[key] = ("weight casts", "", st.nbytes(), str(t.dtype).replace("torch.", ""), t.shape[-1:])
+            self.seen[key] = ("weight casts", "", st.nbytes(), str(t.dtype).replace("torch.", ""), tuple(t.shape))
         else:
-            self.seen[key] = (self.scope, self.sub, st.nbytes(), str(t.dtype).replace("torch.", ""), t.shape[-1:])
+            self.seen[key] = (self.scope, self.sub, st.nbytes(), str(t.dtype).replace("torch.", ""), tuple(t.shape))
         return t
 
     def hooks(self):
@@ -365,6 +411,10 @@ class SavedTensors:
         for scope, sub, nbytes, *_ in self.seen.values():
             out[scope] = out.get(scope, 0) + nbytes
         return out
+
+    def shapes(self, scopes=("h.0", "head")) -> list[tuple]:
+        """(scope, sub-module, dtype, shape of the first tensor saved from that storage), for the given scopes."""
+        return [(sc, sub, dt, list(shape)) for sc, sub, _, dt, shape in self.seen.values() if sc in scopes]
 
     def by_sub(self, scope: str) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -405,6 +455,8 @@ class Result:
     peak_breakdown: dict = field(default_factory=dict)  # MemTracker's categories at the peak
     layer_breakdown: dict = field(default_factory=dict)
     assumptions: list = field(default_factory=list)
+    fastgpt_ops: dict = field(default_factory=dict)  # fastgpt:: custom op -> calls in the measured step
+    saved_shapes: list = field(default_factory=list)  # (scope, sub-module, dtype, shape) of every saved storage
 
 
 def _tracker():
@@ -431,32 +483,35 @@ def run_one(system: str, model_name: str, batch: int, seq: int) -> Result:
     size = MODELS[model_name]
     with FakeTensorMode(allow_non_fake_inputs=False):
         torch.manual_seed(0)
-        model, fwd, patch = build(system, size, seq)
-        opt = make_adamw(model)
+        model, fwd, make_opt, patch = build(system, size, seq)
+        opt = make_opt()
         idx = torch.randint(0, VOCAB, (batch, seq))
-        logits_peak = {"cur": 0, "max": 0}
 
-        def step(ac: CudaAutocast, saved: SavedTensors | None, mt=None):
-            opt.zero_grad(set_to_none=True)
-            if mt is not None:
-                mt.phase = "forward"
-            with patch(), (saved.hooks() if saved else contextlib.nullcontext()):
-                with ac:
-                    loss = fwd(idx)
-            if mt is not None:
-                mt.phase = "backward"
-            loss.backward()
-            if mt is not None:
-                mt.phase = "optimizer step"
-            opt.step()
+        def step(ac: CudaAutocast, saved: SavedTensors | None, kops: FastgptOps, mt=None):
+            # kops is entered inside MemTracker (mt), so the op workspace it allocates is tracked.
+            with patch(), kops:
+                opt.zero_grad(set_to_none=True)
+                if mt is not None:
+                    mt.phase = "forward"
+                with saved.hooks() if saved else contextlib.nullcontext():
+                    with ac:
+                        loss = fwd(idx)
+                if mt is not None:
+                    mt.phase = "backward"
+                loss.backward()
+                if mt is not None:
+                    mt.phase = "optimizer step"
+                opt.step()
 
-        step(CudaAutocast(), None)  # optimizer state now exists, as in every step after the first
+        # optimizer state now exists, as in every step after the first
+        step(CudaAutocast(), None, FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS))
         ac = CudaAutocast()
         saved = SavedTensors(model, ac)
+        kops = FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS)
         mt = _tracker()
         mt.track_external(model, opt)
         with mt:
-            step(ac, saved, mt)
+            step(ac, saved, kops, mt)
         saved.close()
         peak = mt.get_tracker_snapshot("peak")
         dev = next(iter(peak))
@@ -475,20 +530,37 @@ def run_one(system: str, model_name: str, batch: int, seq: int) -> Result:
         if ac.sdpa_masks:
             assumptions.append(f"{system}: SDPA got an explicit mask ({ac.sdpa_masks[0]}); CUDA would use the "
                                "memory-efficient backend, modelled like flash")
+        assumptions.append(f"{system}: optimizer {type(opt).__module__}.{type(opt).__name__}")
+        if system.startswith("fastgpt"):
+            assumptions.append(
+                f"{system}: fastgpt's real custom ops under FakeTensorMode (fake implementations, registered "
+                "autograd decides what is saved); fastgpt.ops forced to the Triton path because the fake CPU "
+                "tensors stand for CUDA ones; op calls in the measured step: "
+                + ", ".join(f"{k} x{v}" for k, v in sorted(kops.calls.items())))
         if system == "fastgpt":
-            assumptions.append(f"fastgpt: fused linear CE processes {CE_CHUNK_ROWS} rows per chunk "
-                               f"(fp32 chunk logits {CE_CHUNK_ROWS * VOCAB * 4 / 2**20:.0f} MiB transient)")
+            from kernels import cross_entropy as ce
+
+            v_pad = -(-VOCAB // ce.VOCAB_ALIGN) * ce.VOCAB_ALIGN
+            rows = ce._chunk_rows(batch * seq, v_pad, CE_CHUNK_ROWS)
+            assumptions.append(
+                f"fastgpt: fused linear CE workspace held around the op (from kernels/cross_entropy.py): {rows} "
+                f"rows per chunk, bf16 chunk logits {rows} x {v_pad} ({fmt_bytes(rows * v_pad * 2)}), the weight "
+                f"padded to {v_pad} rows in bf16 and one bf16 dweight product ({fmt_bytes(v_pad * size['n_embd'] * 2)}"
+                f" each); {fmt_bytes(kops.workspace.get('linear_cross_entropy', 0))} in all. dweight's storage has "
+                f"{v_pad} rows on CUDA, {VOCAB} in the fake output ({fmt_bytes((v_pad - VOCAB) * size['n_embd'] * 4)}"
+                " less saved)")
         # (N, V) tensors: the logits in every dtype; their size tells the logits' share of the peak.
         N = batch * seq
-        logits_bytes = sum(nb for sc, sub, nb, dt, last in saved.seen.values()
-                           if sc == "head" and tuple(last) == (VOCAB,) and nb >= N * VOCAB)
+        logits_bytes = sum(nb for sc, sub, nb, dt, shape in saved.seen.values()
+                           if sc == "head" and shape[-1:] == (VOCAB,) and nb >= N * VOCAB)
     return Result(system=system, model=model_name, batch=batch, seq=seq,
                   peak_bytes=peak.get("Total", sum(peak.values())),
                   activation_bytes=sum(scopes.values()), params_bytes=params_bytes, grads_bytes=grads_bytes,
                   optimizer_bytes=opt_bytes, n_params=n_params, per_layer_bytes=scopes.get("h.0", 0),
                   head_bytes=scopes.get("head", 0), embed_bytes=scopes.get("embed", 0),
-                  weight_cast_bytes=cast_bytes, logits_bytes=logits_bytes, peak_phase=peak_phase, peak_breakdown=peak, layer_breakdown=saved.by_sub("h.0"),
-                  assumptions=assumptions)
+                  weight_cast_bytes=cast_bytes, logits_bytes=logits_bytes, peak_phase=peak_phase,
+                  peak_breakdown=peak, layer_breakdown=saved.by_sub("h.0"), assumptions=assumptions,
+                  fastgpt_ops=dict(sorted(kops.calls.items())), saved_shapes=saved.shapes())
 
 
 ASSUMPTIONS_COMMON = [
@@ -566,9 +638,9 @@ def render(results: list[Result]) -> str:
         lines.append(line)
     lines.append("  Expected with flash attention and bf16 autocast (no dropout): 36 sbh = ln_1 and ln_2 inputs in "
                  "fp32 (2 x 4 sbh) + bf16 LN outputs for c_attn and c_fc (2 x 2 sbh) + qkv (6 sbh) + attention output "
-                 "(2 sbh) + gelu input (8 sbh) + gelu output (8 sbh); +2 sbh where the attention output is copied "
-                 "to merge heads (fastgpt's kernel output is modelled (B, H, T, D)); HF's python gelu_new keeps 3 "
-                 "more (B, T, 4h) intermediates (+24 sbh).")
+                 "(2 sbh) + gelu input (8 sbh) + gelu output (8 sbh), plus fp32 row statistics (LN mean/rstd, attention "
+                 "logsumexp); flash and fastgpt's attention kernel allocate their output (B, T, H, D), so merging "
+                 "heads is a view, not a copy; HF's python gelu_new keeps 3 more (B, T, 4h) intermediates (+24 sbh).")
     lines.append("  Mixed precision differs from the paper's all-16-bit count: under CUDA autocast layer_norm runs in "
                  "fp32, so each LN saves its fp32 input (+4sbh over the paper for two LNs); eager softmax saves "
                  "fp32 probabilities plus their bf16 copy (6as^2b, not 5as^2b with dropout).")

@@ -497,6 +497,10 @@ def _launch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE): O (B, H, T, D) in q's dtype, LSE (B, H, T) fp32."""
+    # The launch check lives here, not in `attention`, so fake tensors (torch.compile tracing,
+    # bench/memory.py's CPU fake tensors standing in for CUDA ones) reach the fake implementation.
+    if not can_launch(q, k, v):
+        raise RuntimeError(f"kernels.attention cannot run: {why_not(q, k, v)}")
     return _launch_fwd(q, k, v, causal, scale)
 
 
@@ -552,8 +556,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have stride 1 in its last dimension, got strides {tuple(t.stride())}")
-    if not can_launch(q, k, v):
-        raise RuntimeError(f"kernels.attention cannot run: {why_not(q, k, v)}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     o, _ = attention_fwd(q, k, v, bool(causal), float(scale))
