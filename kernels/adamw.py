@@ -42,9 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Build, can_launch, count_launch, register_builds, why_not
+from ._launch import Build, can_launch, count_launch, interpreting, register_builds, why_not
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps (4 x 128-bit fp32 loads per tensor)
+# The interpreter pays ~10 ms per program whatever its size and runs each block as numpy arrays:
+# larger blocks there cut a tiny model's step from seconds of per-program overhead to a few programs.
+INTERPRET_BLOCK = 1 << 16
 NUM_WARPS = 4
 _COLS = 12  # int64 columns of the pointer table, see the module docstring
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -114,17 +117,17 @@ def _adamw_kernel(table_ptr, blocks_ptr, base_ptr, grad_base_ptr, ALIGNED: tl.co
 _BLOCK_TABLES: OrderedDict = OrderedDict()  # (device, numels) -> (blocks int64 (nb, 2), nb)
 
 
-def _block_table(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, int]:
-    key = (str(device), numels)
+def _block_table(numels: tuple[int, ...], device: torch.device, block: int) -> tuple[torch.Tensor, int]:
+    key = (str(device), numels, block)
     hit = _BLOCK_TABLES.get(key)
     if hit is not None:
         _BLOCK_TABLES.move_to_end(key)
         return hit
-    counts = torch.tensor([-(-n // BLOCK) for n in numels], dtype=torch.int64)
+    counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
     nb = int(counts.sum())
     tensor_idx = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
     first_block = torch.cumsum(counts, 0) - counts  # first global block of each tensor
-    start = (torch.arange(nb, dtype=torch.int64) - first_block[tensor_idx]) * BLOCK
+    start = (torch.arange(nb, dtype=torch.int64) - first_block[tensor_idx]) * block
     table = torch.stack([tensor_idx, start], dim=1).contiguous().to(device)
     _BLOCK_TABLES[key] = (table, nb)
     while len(_BLOCK_TABLES) > 8:
@@ -160,9 +163,10 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, scalars, aligned: bool) -> Non
     ints = torch.tensor(cols, dtype=torch.int64).T
     floats = torch.tensor(scalars, dtype=torch.float64).view(torch.int64)
     table = torch.cat([ints, floats], dim=1).contiguous().to(device)
-    blocks, nb = _block_table(tuple(p.numel() for p in params), device)
+    block = INTERPRET_BLOCK if interpreting() else BLOCK
+    blocks, nb = _block_table(tuple(p.numel() for p in params), device, block)
     count_launch("adamw")
-    _adamw_kernel[(nb,)](table, blocks, base, grad_base, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _adamw_kernel[(nb,)](table, blocks, base, grad_base, ALIGNED=aligned, BLOCK=block, num_warps=NUM_WARPS)
 
 
 def _check_tensors(params, grads, exp_avgs, exp_avg_sqs) -> None:
