@@ -141,7 +141,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
-        if torch.compiler.is_compiling() or idx.numel() == 0:
+        # The range check costs a GPU->CPU sync per forward: training skips it on CUDA, where the
+        # loader has already checked every shard's ids (fastgpt.data); inference keeps it.
+        if torch.compiler.is_compiling() or idx.numel() == 0 or (idx.is_cuda and torch.is_grad_enabled()):
             return
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= self.config.vocab_size:

@@ -130,13 +130,20 @@ def grad_accum_steps(cfg: TrainConfig, world: int) -> int:
     return cfg.total_batch_size // per
 
 
-def _to_cpu(obj):
+def _to_cpu(obj, _seen=None):
+    """CPU copies of every tensor in obj. Tensors that alias one another (the tied wte/lm_head
+    weight) map to one copy, so torch.save writes their storage once, as it does on CPU."""
+    seen = {} if _seen is None else _seen
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        key = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape),
+               obj.stride(), obj.dtype)
+        if key not in seen:
+            seen[key] = obj.detach().cpu()
+        return seen[key]
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _to_cpu(v, seen) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_to_cpu(v, seen) for v in obj)
     return obj
 
 

@@ -13,6 +13,9 @@ What lives here and why:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,20 +43,51 @@ def can_launch(*tensors: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on these tensors: CUDA, or CPU under the interpreter."""
     if not triton_available():
         return False
-    devs = {t.device.type for t in tensors}
-    if devs == {"cuda"}:
-        return True
-    return devs == {"cpu"} and interpreting()
+    devs = {t.device for t in tensors}
+    if len(devs) != 1:
+        return False  # one kernel runs on one device
+    dev = next(iter(devs))
+    return dev.type == "cuda" or (dev.type == "cpu" and interpreting())
 
 
 def why_not(*tensors: torch.Tensor) -> str:
     """A sentence explaining why `can_launch` is false, for error messages."""
     if not triton_available():
         return "triton is not installed (it ships for Linux x86-64 only)"
-    devs = sorted({t.device.type for t in tensors})
+    devs = sorted({str(t.device) for t in tensors})
     if devs == ["cpu"]:
         return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+    if len(devs) > 1:
+        return f"tensors are on several devices {devs}; a kernel runs on one"
     return f"tensors are on {devs}; Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1)"
+
+
+def on_tensor_device(fn):
+    """Run a custom op's implementation with its tensors' CUDA device current.
+
+    Triton launches on the *current* device, not the tensors' one: without this, tensors on cuda:1
+    while cuda:0 is current would be read through the wrong device. The device is the first tensor
+    argument's (or the first element of the first tensor-list argument, for the optimizer)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = None
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                first = a
+            elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+                first = a[0]
+            if first is not None:
+                break
+        ctx = torch.cuda.device(first.device) if first is not None and first.is_cuda else contextlib.nullcontext()
+        with ctx:
+            return fn(*args, **kwargs)
+
+    # custom_op infers the schema from the signature: give it fn's, with the string annotations of
+    # `from __future__ import annotations` resolved in fn's module rather than this one.
+    del wrapper.__wrapped__
+    wrapper.__signature__ = inspect.signature(fn, eval_str=True)
+    return wrapper
 
 
 def count_launch(name: str, n: int = 1) -> None:

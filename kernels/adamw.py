@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Build, can_launch, count_launch, interpreting, register_builds, why_not
+from ._launch import Build, can_launch, count_launch, interpreting, on_tensor_device, register_builds, why_not
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps (4 x 128-bit fp32 loads per tensor)
 # The interpreter pays ~10 ms per program whatever its size and runs each block as numpy arrays:
@@ -197,6 +197,7 @@ def _per_tensor_scalars(lr, wd, beta1, beta2, eps, step) -> list[float]:
 # Custom op
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastgpt::adamw_step", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
+@on_tensor_device
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                exp_avg_sqs: list[torch.Tensor], lrs: list[float], weight_decays: list[float],
                beta1s: list[float], beta2s: list[float], epss: list[float], steps: list[float]) -> None:

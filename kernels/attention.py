@@ -57,6 +57,7 @@ from ._launch import (
     can_launch,
     count_launch,
     interpreting,
+    on_tensor_device,
     next_pow2,
     register_builds,
     why_not,
@@ -494,6 +495,7 @@ def _launch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
 # Custom ops (torch.compile / FakeTensorMode see through them) and autograd
 # ============================================================================================
 @torch.library.custom_op("fastgpt::attention_fwd", mutates_args=())
+@on_tensor_device
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE): O (B, H, T, D) in q's dtype, LSE (B, H, T) fp32."""
@@ -511,6 +513,7 @@ def _(q, k, v, causal, scale):
 
 
 @torch.library.custom_op("fastgpt::attention_bwd", mutates_args=())
+@on_tensor_device
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) in the input dtype."""

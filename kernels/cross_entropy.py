@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import Build, can_launch, count_launch, interpreting, register_builds, why_not
+from ._launch import Build, can_launch, count_launch, interpreting, on_tensor_device, register_builds, why_not
 
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (rows x V_pad)
 VOCAB_ALIGN = 64
@@ -135,6 +135,8 @@ def _accumulate_dw(dw: torch.Tensor, grad_logits: torch.Tensor, xc: torch.Tensor
             # bf16/fp16 operands, fp32 accumulate and output straight into the accumulator
             torch.ops.aten.addmm.dtype_out(dw, grad_logits.T, xc, torch.float32, out=dw)
             return
+        except torch.OutOfMemoryError:
+            raise  # out of memory says nothing about whether the op exists
         except (RuntimeError, NotImplementedError):
             _OUT_DTYPE_ADDMM[0] = False
     if dw.is_cuda:
@@ -193,6 +195,7 @@ def _forward(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_r
 # Custom op
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastgpt::linear_cross_entropy", mutates_args=())
+@on_tensor_device
 def linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                             reduction: str, compute_dtype: torch.dtype, chunk_rows: int, need_dx: bool,
                             need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._jit import store_cast
-from ._launch import TORCH_TO_TRITON, Build, can_launch, count_launch, register_builds, why_not
+from ._launch import TORCH_TO_TRITON, Build, can_launch, count_launch, on_tensor_device, register_builds, why_not
 
 _BLOCK = 2048
 _WARPS = 4
@@ -117,6 +117,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # Custom ops with autograd
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastgpt::gelu_fwd", mutates_args=())
+@on_tensor_device
 def gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     return _fwd_launch(x)
 
@@ -127,6 +128,7 @@ def _(x):
 
 
 @torch.library.custom_op("fastgpt::gelu_bwd", mutates_args=())
+@on_tensor_device
 def gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _bwd_launch(dy, x)
 

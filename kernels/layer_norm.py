@@ -47,6 +47,7 @@ from ._launch import (
     Build,
     can_launch,
     count_launch,
+    on_tensor_device,
     next_pow2,
     register_builds,
     why_not,
@@ -262,6 +263,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: t
 # Custom ops with autograd
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastgpt::layer_norm_fwd", mutates_args=())
+@on_tensor_device
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y in x's dtype and shape, mean and rstd fp32 of shape x.shape[:-1])."""
@@ -276,6 +278,7 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op("fastgpt::layer_norm_bwd", mutates_args=())
+@on_tensor_device
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx in x's dtype, dweight fp32 (N,), dbias fp32 (N,); dbias is zeros when has_bias is False)."""

@@ -165,3 +165,12 @@ def test_attention_head_dim_without_kernel_tiles(expect_launch):
     q = torch.randn(1, 2, 5, 16)
     with expect_launch("attention_fwd"):
         ops.attention(q, q, q, "auto")
+
+
+def test_can_launch_needs_one_device():
+    """A kernel runs on one device: tensors split across devices are refused (and explained)."""
+    a = torch.empty(1)
+    b = torch.empty(1, device="meta")
+    assert not kernels.can_launch(a, b)
+    assert "several devices" in kernels.why_not(a, b)
+    assert kernels.can_launch(a, a)  # CPU under the interpreter (this session)
