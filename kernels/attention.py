@@ -559,6 +559,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have stride 1 in its last dimension, got strides {tuple(t.stride())}")
+    if q.shape[0] * q.shape[1] > 65535:  # B*H is the grid's second axis, which CUDA caps at 65535
+        raise ValueError(f"B*H = {q.shape[0] * q.shape[1]} exceeds 65535; split the batch into smaller calls")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     o, _ = attention_fwd(q, k, v, bool(causal), float(scale))

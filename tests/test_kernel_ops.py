@@ -174,3 +174,9 @@ def test_can_launch_needs_one_device():
     assert not kernels.can_launch(a, b)
     assert "several devices" in kernels.why_not(a, b)
     assert kernels.can_launch(a, a)  # CPU under the interpreter (this session)
+
+
+def test_attention_refuses_a_grid_cuda_cannot_launch():
+    q = torch.empty(1, 65536, 1, 16)  # B*H on the grid's second axis: CUDA allows 65535
+    with pytest.raises(ValueError, match="65536 exceeds 65535"):
+        kernels.attention(q, q, q)
