@@ -1,5 +1,6 @@
 """Shared by the data / training / checkpoint / CLI tests: the standard data file, a very small model
-preset for fast runs, and a way to run the trainer in a fresh process (also under torchrun)."""
+preset for fast runs, and a way to run the trainer in a fresh process (also under torchrun). Also the
+in-process training loop the kernel tests compare Triton and PyTorch with."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
@@ -99,3 +101,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def train_losses(cfg, batches, device="cpu", return_logits=True, lr=1e-3, grad_clip=None) -> list[float]:
+    """Per-step losses of one AdamW step per (x, y) batch, from seed 0: two runs that differ only in
+    which kernels they use must print the same losses."""
+    from fastgpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    opt = model.configure_optimizers(weight_decay=0.1, lr=lr, device_type=device)
+    losses = []
+    for x, y in batches:
+        _, loss = model(x.to(device), y.to(device), return_logits=return_logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        losses.append(loss.item())
+    return losses

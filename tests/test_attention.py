@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from _train_util import train_losses
 from kernels._launch import interpreting
 
 attn_mod = sys.modules["kernels.attention"]
@@ -142,35 +143,26 @@ def test_saved_for_backward_is_linear_in_T(kernel_device, expect_launch):
     assert max(extra_ref) >= B * H * T * T
 
 
-def _train_losses(kernels_mode, steps=5, route_attention=False, monkeypatch=None):
-    from fastgpt import GPT, GPTConfig
+def _train_losses(kernels_mode, steps=5):
+    """A 2-layer model (head size 32, vocab 512) trained on one fixed batch."""
+    from fastgpt import GPTConfig
 
-    torch.manual_seed(0)
     cfg = GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=64, kernels=kernels_mode)
-    model = GPT(cfg)
-    if route_attention:  # only attention through Triton, everything else through torch
-        import fastgpt.ops as ops
-
-        monkeypatch.setattr(ops, "attention", lambda q, k, v, mode="auto": kernels.attention(q, k, v, causal=True))
-    opt = model.configure_optimizers(weight_decay=0.1, lr=1e-3)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (2, 64), generator=g)
     y = torch.randint(0, cfg.vocab_size, (2, 64), generator=g)
-    losses = []
-    for _ in range(steps):
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_losses(cfg, [(x, y)] * steps)
 
 
 @pytest.mark.skipif(not interpreting(), reason="CPU model test through the interpreter")
 def test_tiny_model_trains_with_triton_attention(monkeypatch, expect_launch):
     ref = _train_losses("torch")
+    import fastgpt.ops as ops
+
+    # only attention through Triton, everything else through torch
+    monkeypatch.setattr(ops, "attention", lambda q, k, v, mode="auto": kernels.attention(q, k, v, causal=True))
     with expect_launch("attention_fwd", "attention_bwd_dq"):
-        ours = _train_losses("torch", route_attention=True, monkeypatch=monkeypatch)
+        ours = _train_losses("torch")
     assert ref[-1] < ref[0]
     assert max(abs(a - b) for a, b in zip(ours, ref)) <= 1e-4, (ours, ref)
 

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from _train_util import train_losses
 from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from fastgpt import GPT, GPTConfig
+from fastgpt import GPTConfig
 from fastgpt import model as model_mod
 
 DEVICES = ["kernel", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -152,21 +153,12 @@ def test_compiles_without_graph_breaks(kernel_device, expect_launch):
 # Training with the fused loss
 # --------------------------------------------------------------------------------------------
 def _train_losses(cfg, return_logits, device, steps=5, B=2, T=16):
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device)
-    opt = model.configure_optimizers(weight_decay=0.1, lr=1e-3, device_type=device)
+    """One fixed batch with some ignored targets, trained `steps` times: the loss must fall."""
     gen = torch.Generator().manual_seed(123)
-    idx = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen).to(device)
+    idx = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen)
     x, y = idx[:, :-1], idx[:, 1:].clone()
-    y[0, :3] = -1  # some ignored positions
-    losses = []
-    for _ in range(steps):  # the same batch each step: the loss must fall
-        _, loss = model(x, y, return_logits=return_logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    y[0, :3] = -1
+    return train_losses(cfg, [(x, y)] * steps, device, return_logits=return_logits)
 
 
 def test_tiny_trains_same_with_fused_loss(kernel_device, expect_launch, monkeypatch):

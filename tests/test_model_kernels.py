@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import kernels
+from _train_util import train_losses
 from fastgpt import GPT, GPTConfig
 
 ALL_KERNELS = ("layer_norm_fwd", "layer_norm_bwd", "gelu_fwd", "gelu_bwd", "attention_fwd",
@@ -10,21 +11,12 @@ ALL_KERNELS = ("layer_norm_fwd", "layer_norm_bwd", "gelu_fwd", "gelu_bwd", "atte
 
 
 def _losses(mode, device, steps=5):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("tiny", kernels=mode)).to(device)
-    opt = model.configure_optimizers(weight_decay=0.1, lr=3e-3, device_type=device)
     g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, 50257, (steps, 2, 33), generator=g).to(device)
-    losses = []
-    for step in range(steps):
-        x, y = data[step, :, :-1], data[step, :, 1:]
-        _, loss = model(x, y, return_logits=False)  # the training path: fused linear cross-entropy
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    data = torch.randint(0, 50257, (steps, 2, 33), generator=g)
+    batches = [(seq[:, :-1], seq[:, 1:]) for seq in data]
+    # return_logits=False: the training path, through the fused linear cross-entropy
+    return train_losses(GPTConfig.preset("tiny", kernels=mode), batches, device, return_logits=False, lr=3e-3,
+                        grad_clip=1.0)
 
 
 def test_tiny_preset_all_kernels_match_torch(kernel_device, expect_launch):
