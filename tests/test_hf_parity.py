@@ -66,6 +66,10 @@ def test_save_pretrained_round_trip(tmp_path):
     idx = torch.randint(0, 503, (3, 24))
     with torch.no_grad():
         assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-5
+    from fastgpt.hf import to_hf
+
+    with torch.no_grad():  # the in-memory export gives the same model
+        assert (ours(idx)[0] - to_hf(ours)(idx).logits).abs().max().item() <= 1e-5
     back = GPT.from_pretrained(str(tmp_path), kernels="torch").eval()
     for (k, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
