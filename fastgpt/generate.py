@@ -7,8 +7,34 @@ tokens, exactly what the cache-free path feeds the model, so both give the same 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .model import KVCache
+from .config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: (B, nh, T_max, hs) per layer."""
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, config.n_head, max_len, config.head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0  # tokens already cached
+        self.max_len = max_len
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        T = q.shape[2]
+        start = self.pos
+        self.k[layer][:, :, start:start + T] = k
+        self.v[layer][:, :, start:start + T] = v
+        keys = self.k[layer][:, :, :start + T]  # (B, nh, start+T, hs)
+        values = self.v[layer][:, :, :start + T]
+        # New query i (absolute position start+i) may see keys 0..start+i.
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+    def advance(self, n: int) -> None:
+        self.pos += n
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -8,6 +8,7 @@ reference; this file never imports triton.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,9 @@ from torch.nn import functional as F
 
 from . import ops
 from .config import GPTConfig
+
+if TYPE_CHECKING:  # the cache lives with generation; the model only calls its attend/advance
+    from .generate import KVCache
 
 LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon
 
@@ -79,31 +83,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv_cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
-
-
-class KVCache:
-    """Keys and values of every layer for incremental decoding: (B, nh, T_max, hs) per layer."""
-
-    def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, config.n_head, max_len, config.head_size)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0  # tokens already cached
-        self.max_len = max_len
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        T = q.shape[2]
-        start = self.pos
-        self.k[layer][:, :, start:start + T] = k
-        self.v[layer][:, :, start:start + T] = v
-        keys = self.k[layer][:, :, :start + T]  # (B, nh, start+T, hs)
-        values = self.v[layer][:, :, :start + T]
-        # New query i (absolute position start+i) may see keys 0..start+i.
-        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-
-    def advance(self, n: int) -> None:
-        self.pos += n
 
 
 class GPT(nn.Module):

@@ -18,7 +18,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,12 +121,13 @@ def grad_accum_steps(cfg: TrainConfig, world: int) -> int:
         totals = sorted({lo, lo + per, 2 * lo})
         micros = [m for m in range(1, cfg.micro_batch_size + 1)
                   if cfg.total_batch_size > 0 and cfg.total_batch_size % (m * cfg.seq_len * world) == 0]
-        hint = f"--total_batch_size {' or '.join(f'{t:,}' for t in totals)}"
+        # Flag values exactly as they are typed (no thousands separators), so a hint pastes back.
+        hint = f"--total_batch_size {' or '.join(map(str, totals))}"
         if micros:
             hint += f", or keep it and use --micro_batch_size {' or '.join(map(str, micros[-3:]))}"
         raise TrainError(
-            f"--total_batch_size {cfg.total_batch_size:,} is not a multiple of micro_batch_size x seq_len x "
-            f"world_size = {cfg.micro_batch_size} x {cfg.seq_len} x {world} = {per:,}. Values that divide: {hint}")
+            f"--total_batch_size {cfg.total_batch_size} is not a multiple of micro_batch_size x seq_len x "
+            f"world_size = {cfg.micro_batch_size} x {cfg.seq_len} x {world} = {per}. Values that divide: {hint}")
     return cfg.total_batch_size // per
 
 
@@ -190,27 +191,7 @@ def _check_resume_config(path: Path, saved: dict, wanted: GPTConfig, model_name:
                          f"To resume it, {how}; to start a new run, pass another --log_dir.")
 
 
-# ------------------------------------------------------------------------------------------------
-def main(argv=None, prog: str = "train.py") -> int:
-    cfg, given = parse_args(argv, prog)
-    try:
-        return train(cfg, given)
-    except (TrainError, DataError, ckpt_io.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except torch.OutOfMemoryError as e:
-        print(f"error: CUDA out of memory ({str(e).splitlines()[0]})\n"
-              f"  Lower --micro_batch_size (now {cfg.micro_batch_size}; try {max(1, cfg.micro_batch_size // 2)} "
-              f"or {max(1, cfg.micro_batch_size // 4)}): gradient accumulation keeps the total batch of "
-              f"{cfg.total_batch_size:,} tokens per step unchanged. A smaller --model or --seq_len also helps.",
-              file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _setup_device(cfg: TrainConfig) -> tuple[torch.device, int, int, int]:
+def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int, int]:
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0)) if ddp else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
@@ -231,200 +212,309 @@ def _setup_device(cfg: TrainConfig) -> tuple[torch.device, int, int, int]:
     return device, rank, local_rank, world
 
 
-def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
-    device, rank, _, world = _setup_device(cfg)
-    master = rank == 0
-    ddp = world > 1
-    cuda = device.type == "cuda"
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+def main(argv=None, prog: str = "train.py") -> int:
+    cfg, given = parse_args(argv, prog)
+    try:
+        return train(cfg, given)
+    except (TrainError, DataError, ckpt_io.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except torch.OutOfMemoryError as e:
+        print(f"error: CUDA out of memory ({str(e).splitlines()[0]})\n"
+              f"  Lower --micro_batch_size (now {cfg.micro_batch_size}; try {max(1, cfg.micro_batch_size // 2)} "
+              f"or {max(1, cfg.micro_batch_size // 4)}): gradient accumulation keeps the total batch of "
+              f"{cfg.total_batch_size} tokens per step unchanged. A smaller --model or --seq_len also helps.",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
-    def log(*a):
-        if master:
+
+def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
+    """Set up, resume, and run the loop; returns the process exit code."""
+    return Trainer(cfg, given).run()
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (host values: read once, after the update)."""
+
+    step: int
+    loss: float
+    norm: float
+    lr: float
+    dt: float
+    finite: bool
+
+
+class Trainer:
+    """One training run. Read top to bottom: the methods follow the order a run goes through them.
+
+    __init__  -> setup_distributed, resolve_config, build_data, build_model   (nothing trained yet)
+    run       -> resume, wrap_model, then per step: train_step, log_step, maybe evaluate, maybe save
+    """
+
+    def __init__(self, cfg: TrainConfig, given: set[str] = frozenset()):
+        self.given = given
+        self.notes: list[str] = []
+        self.device, self.rank, self.local_rank, self.world = setup_distributed(cfg)
+        self.master = self.rank == 0
+        self.ddp = self.world > 1
+        self.cuda = self.device.type == "cuda"
+        self.cfg = self.resolve_config(cfg)
+        self.build_data()
+        self.log(f"using device: {self.device.type}")
+        for n in self.notes:
+            self.log(n)
+        self.build_model()
+        self.log_dir = Path(self.cfg.log_dir)
+        self.log_file = self.log_dir / "log.txt"
+        self.start_step = 0
+        self.last_val: float | None = None
+        self.bad_in_row = 0
+
+    # --------------------------------------------------------------------------------------------
+    # Setup
+    # --------------------------------------------------------------------------------------------
+    def log(self, *a) -> None:
+        if self.master:
             print(*a, flush=True)
 
-    notes = []
-    if not cuda and cfg.model is None:
-        changed = {k: v for k, v in CPU_DEFAULTS.items() if k not in given}
-        cfg = replace(cfg, **changed)
-        flags = " ".join(f"--{k} {v}" for k, v in changed.items() if k != "model")
-        notes.append(f"no GPU: using the CPU-sized preset '{cfg.model}' with {flags or 'your flags'}; "
-                     f"pass --model gpt2 (and the batch flags) to train GPT-2 small on the CPU anyway")
-    model_name = cfg.model or "gpt2"
-    gcfg = GPTConfig.preset(model_name, kernels=cfg.kernels)
-    for name in ("micro_batch_size", "seq_len", "max_steps", "eval_interval", "eval_steps", "checkpoint_interval"):
-        if getattr(cfg, name) <= 0:
-            raise TrainError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "keep_checkpoints"):
-        if getattr(cfg, name) < 0:
-            raise TrainError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.seq_len > gcfg.block_size:
-        raise TrainError(f"--seq_len {cfg.seq_len} exceeds the {model_name} block size {gcfg.block_size}")
-    accum = grad_accum_steps(cfg, world)
-    B, T = cfg.micro_batch_size, cfg.seq_len
+    def resolve_config(self, cfg: TrainConfig) -> TrainConfig:
+        """CPU-sized defaults where no GPU is present, the model preset, and flag checks."""
+        if not self.cuda and cfg.model is None:
+            changed = {k: v for k, v in CPU_DEFAULTS.items() if k not in self.given}
+            cfg = replace(cfg, **changed)
+            flags = " ".join(f"--{k} {v}" for k, v in changed.items() if k != "model")
+            self.notes.append(f"no GPU: using the CPU-sized preset '{cfg.model}' with {flags or 'your flags'}; "
+                              f"pass --model gpt2 (and the batch flags) to train GPT-2 small on the CPU anyway")
+        self.model_name = cfg.model or "gpt2"
+        self.gcfg = GPTConfig.preset(self.model_name, kernels=cfg.kernels)
+        for name in ("micro_batch_size", "seq_len", "max_steps", "eval_interval", "eval_steps",
+                     "checkpoint_interval"):
+            if getattr(cfg, name) <= 0:
+                raise TrainError(f"--{name} must be positive, got {getattr(cfg, name)}")
+        for name in ("warmup_steps", "keep_checkpoints"):
+            if getattr(cfg, name) < 0:
+                raise TrainError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+        if cfg.seq_len > self.gcfg.block_size:
+            raise TrainError(f"--seq_len {cfg.seq_len} exceeds the {self.model_name} block size "
+                             f"{self.gcfg.block_size}")
+        self.accum = grad_accum_steps(cfg, self.world)
+        return cfg
 
-    train_loader = ShardLoader(cfg.data_root, "train", B, T, rank, world, gcfg.vocab_size, verbose=master)
-    val_loader = ShardLoader(cfg.data_root, "val", B, T, rank, world, gcfg.vocab_size, verbose=master)
-    log(f"using device: {device.type}")
-    for n in notes:
-        log(n)
+    def build_data(self) -> None:
+        cfg, B, T = self.cfg, self.cfg.micro_batch_size, self.cfg.seq_len
+        self.train_loader = ShardLoader(cfg.data_root, "train", B, T, self.rank, self.world, self.gcfg.vocab_size,
+                                        verbose=self.master)
+        self.val_loader = ShardLoader(cfg.data_root, "val", B, T, self.rank, self.world, self.gcfg.vocab_size,
+                                      verbose=self.master)
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
-    raw = GPT(gcfg).to(device)
-    optimizer = raw.configure_optimizers(weight_decay=cfg.weight_decay, lr=cfg.max_lr, device_type=device.type)
-    from .ops import backend_name
+    def build_model(self) -> None:
+        cfg = self.cfg
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")
+        self.raw = GPT(self.gcfg).to(self.device)
+        self.optimizer = self.raw.configure_optimizers(weight_decay=cfg.weight_decay, lr=cfg.max_lr,
+                                                       device_type=self.device.type)
+        self.params = [p for p in self.raw.parameters() if p.requires_grad]
+        from .ops import backend_name
 
-    log(f"model: {model_name} ({raw.num_params() / 1e6:.1f}M parameters) | kernels: "
-        f"{backend_name(gcfg.kernels, device)} | optimizer: {type(optimizer).__name__} | {world} rank(s) | "
-        f"{cfg.total_batch_size:,} tokens per step = {B} x {T} x {world} x {accum} accumulation")
+        self.log(f"model: {self.model_name} ({self.raw.num_params() / 1e6:.1f}M parameters) | kernels: "
+                 f"{backend_name(self.gcfg.kernels, self.device)} | optimizer: {type(self.optimizer).__name__} | "
+                 f"{self.world} rank(s) | {cfg.total_batch_size:,} tokens per step = {cfg.micro_batch_size} x "
+                 f"{cfg.seq_len} x {self.world} x {self.accum} accumulation")
 
-    # Resume from the newest complete checkpoint.
-    log_dir = Path(cfg.log_dir)
-    if master:
-        for p in ckpt_io.remove_stale_temporaries(log_dir):
-            print(f"removed {p}, left by an interrupted checkpoint write")
-    path, state = ckpt_io.load_latest(log_dir, warn=master)
-    start, last_val = 0, None
-    if state is not None:
-        _check_resume_config(path, state["config"], gcfg, model_name)
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        train_loader.load_state_dict(state["loader"])
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+
+    # --------------------------------------------------------------------------------------------
+    # Resume, wrap
+    # --------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load the newest complete checkpoint in log_dir, if any: model, optimizer, loader, RNG, step."""
+        if self.master:
+            for p in ckpt_io.remove_stale_temporaries(self.log_dir):
+                print(f"removed {p}, left by an interrupted checkpoint write")
+        path, state = ckpt_io.load_latest(self.log_dir, warn=self.master)
+        self.resumed_from = path if state is not None else None
+        if state is None:
+            return
+        _check_resume_config(path, state["config"], self.gcfg, self.model_name)
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_loader.load_state_dict(state["loader"])
         ckpt_io.set_rng_state(state["rng"])
-        start, last_val = int(state["step"]), state.get("val_loss")
-        vl = f", val loss {last_val:.4f}" if last_val is not None else ""
-        log(f"resuming from {path} (step {start}{vl})")
-        del state
-    if start >= cfg.max_steps:
-        log(f"{path} is already at step {start} >= --max_steps {cfg.max_steps}: nothing to do "
-            f"(raise --max_steps to train further)")
-        return 0
+        self.start_step, self.last_val = int(state["step"]), state.get("val_loss")
+        vl = f", val loss {self.last_val:.4f}" if self.last_val is not None else ""
+        self.log(f"resuming from {path} (step {self.start_step}{vl})")
 
-    core = torch.compile(raw) if cfg.compile else raw
-    model = core
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def wrap_model(self) -> None:
+        """torch.compile and DDP around the raw model; `core` is what evaluation calls (no DDP)."""
+        self.core = torch.compile(self.raw) if self.cfg.compile else self.raw
+        self.model = self.core
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(core, device_ids=[device.index] if cuda else None)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    val_steps = max(1, min(cfg.eval_steps, val_loader.total) // world)
-    log_file = log_dir / "log.txt"
-    if master:
-        log_dir.mkdir(parents=True, exist_ok=True)
+            self.model = DDP(self.core, device_ids=[self.device.index] if self.cuda else None)
 
-    def evaluate() -> float:
+    # --------------------------------------------------------------------------------------------
+    # One step, evaluation, checkpoint
+    # --------------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> StepResult:
+        """accum micro-steps of forward/backward, clip, then update unless the loss or norm is non-finite."""
+        t0 = time.perf_counter()
+        cfg, model, optimizer = self.cfg, self.model, self.optimizer
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # Gradients cross ranks only once per step: on the last micro-step.
+            sync = contextlib.nullcontext() if not self.ddp or micro == self.accum - 1 else model.no_sync()
+            with sync:
+                with self.autocast():
+                    _, loss = model(x, y, return_logits=False)
+                loss = loss / self.accum
+                loss_sum += loss.detach().float()
+                loss.backward()
+        if self.ddp:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.world
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        lr = get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_val, norm_val = loss_sum.item(), norm.item()
+        finite = math.isfinite(loss_val) and math.isfinite(norm_val)
+        if finite:
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return StepResult(step, loss_val, norm_val, lr, time.perf_counter() - t0, finite)
+
+    def log_step(self, r: StepResult) -> None:
+        line = (f"step {r.step} | loss: {r.loss:.4f} | lr: {r.lr:.6f} | norm: {r.norm:.4f} | "
+                f"dt: {r.dt * 1000:.0f}ms | tok/s: {self.cfg.total_batch_size / r.dt:,.0f}")
+        if not r.finite:
+            line += " | skipped: non-finite loss or gradient norm, weights unchanged"
+        self.log(line)
+        if self.master:
+            with open(self.log_file, "a") as f:
+                f.write(f"{r.step} train {r.loss!r} norm {r.norm!r} lr {r.lr!r}\n")
+
+    def check_divergence(self, r: StepResult) -> None:
+        self.bad_in_row = 0 if r.finite else self.bad_in_row + 1
+        if self.bad_in_row >= MAX_NONFINITE:
+            raise TrainError(f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm; the run "
+                             f"is diverging. Lower the learning rate (e.g. --max_lr {self.cfg.max_lr / 2:g}) and "
+                             f"resume from the last checkpoint in {self.log_dir}, or start over with a new "
+                             f"--log_dir.")
+
+    def evaluate(self) -> float:
+        """Mean validation loss over eval_steps micro-batches, shared across ranks."""
+        core, world = self.core, self.world
+        val_steps = max(1, min(self.cfg.eval_steps, self.val_loader.total) // world)
         core.eval()
-        val_loader.reset()
-        total = torch.zeros((), device=device)
+        self.val_loader.reset()
+        total = torch.zeros((), device=self.device)
         with torch.no_grad():
             for _ in range(val_steps):
-                x, y = val_loader.next_batch()
-                with autocast():
-                    _, loss = core(x.to(device), y.to(device), return_logits=False)
+                x, y = self.val_loader.next_batch()
+                with self.autocast():
+                    _, loss = core(x.to(self.device), y.to(self.device), return_logits=False)
                 total += loss.float()
         total /= val_steps
-        if ddp:
+        if self.ddp:
             dist.all_reduce(total)
             total /= world
         core.train()
         return total.item()
 
-    def save(step: int) -> Path:
-        p = ckpt_io.checkpoint_path(log_dir, step)
-        if master:
-            ckpt_io.save_atomic({
-                "config": asdict(raw.config),
-                "model": _to_cpu(raw.state_dict()),
-                "optimizer": _to_cpu(optimizer.state_dict()),
-                "step": step,
-                "val_loss": last_val,
-                "loader": train_loader.state_dict(),
-                "rng": ckpt_io.rng_state(),
-                "train_config": asdict(cfg),
-                "world_size": world,
-            }, p)
-            if cfg.keep_checkpoints > 0:
-                for _, old in ckpt_io.list_checkpoints(log_dir)[:-cfg.keep_checkpoints]:
+    def log_eval(self, done: int) -> None:
+        self.last_val = self.evaluate()
+        self.log(f"val loss {self.last_val:.4f}")
+        if self.master:
+            with open(self.log_file, "a") as f:
+                f.write(f"{done} val {self.last_val!r}\n")
+
+    def checkpoint_state(self, step: int) -> dict:
+        """Plain dicts and CPU tensors only, so torch.load(weights_only=True) opens it."""
+        return {
+            "config": asdict(self.raw.config),
+            "model": _to_cpu(self.raw.state_dict()),
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "step": step,
+            "val_loss": self.last_val,
+            "loader": self.train_loader.state_dict(),
+            "rng": ckpt_io.rng_state(),
+            "train_config": asdict(self.cfg),
+            "world_size": self.world,
+        }
+
+    def save(self, step: int) -> Path:
+        """Rank 0 writes model_{step}.pt atomically and applies --keep_checkpoints; all ranks wait for it."""
+        p = ckpt_io.checkpoint_path(self.log_dir, step)
+        if self.master:
+            ckpt_io.save_atomic(self.checkpoint_state(step), p)
+            if self.cfg.keep_checkpoints > 0:
+                for _, old in ckpt_io.list_checkpoints(self.log_dir)[:-self.cfg.keep_checkpoints]:
                     if old != p:
                         old.unlink(missing_ok=True)
-        if ddp:
+        if self.ddp:
             dist.barrier()
         return p
 
-    params = [p for p in raw.parameters() if p.requires_grad]
-    bad_in_row = 0
-    with StopRequest() as stop:
-        for step in range(start, cfg.max_steps):
-            t0 = time.perf_counter()
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = train_loader.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # Gradients cross ranks only once per step: on the last micro-step.
-                sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
-                with sync:
-                    with autocast():
-                        _, loss = model(x, y, return_logits=False)
-                    loss = loss / accum
-                    loss_sum += loss.detach().float()
-                    loss.backward()
-            if ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            lr = get_lr(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            loss_val, norm_val = loss_sum.item(), norm.item()
-            finite = math.isfinite(loss_val) and math.isfinite(norm_val)
-            if finite:
-                optimizer.step()
-                bad_in_row = 0
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                bad_in_row += 1
-            if cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            line = (f"step {step} | loss: {loss_val:.4f} | lr: {lr:.6f} | norm: {norm_val:.4f} | "
-                    f"dt: {dt * 1000:.0f}ms | tok/s: {cfg.total_batch_size / dt:,.0f}")
-            if not finite:
-                line += " | skipped: non-finite loss or gradient norm, weights unchanged"
-            log(line)
-            if master:
-                with open(log_file, "a") as f:
-                    f.write(f"{step} train {loss_val!r} norm {norm_val!r} lr {lr!r}\n")
-            if bad_in_row >= MAX_NONFINITE:
-                raise TrainError(f"{bad_in_row} steps in a row had a non-finite loss or gradient norm; the run is "
-                                 f"diverging. Lower the learning rate (e.g. --max_lr {cfg.max_lr / 2:g}) and resume "
-                                 f"from the last checkpoint in {log_dir}, or start over with a new --log_dir.")
+    def stop_requested(self, stop: "StopRequest") -> bool:
+        stopping = stop.requested
+        if self.ddp:  # a signal may reach some ranks only; all must stop at the same step
+            flag = torch.tensor(float(stopping), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = bool(flag.item())
+        return stopping
 
-            done = step + 1
-            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-                last_val = evaluate()
-                log(f"val loss {last_val:.4f}")
-                if master:
-                    with open(log_file, "a") as f:
-                        f.write(f"{done} val {last_val!r}\n")
-            stopping = stop.requested
-            if ddp:  # a signal may reach some ranks only; all must stop at the same step
-                flag = torch.tensor(float(stopping), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or stopping:
-                p = save(done)
-                if stopping:
-                    log(f"stopped at step {done}: checkpoint saved to {p}. Run the same command to resume.")
-                    return 0
-                log(f"saved checkpoint {p}")
-    return 0
+    # --------------------------------------------------------------------------------------------
+    # The loop
+    # --------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        self.resume()
+        if self.start_step >= cfg.max_steps:
+            self.log(f"{self.resumed_from} is already at step {self.start_step} >= --max_steps {cfg.max_steps}: "
+                     f"nothing to do (raise --max_steps to train further)")
+            return 0
+        self.wrap_model()
+        if self.master:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        with StopRequest() as stop:
+            for step in range(self.start_step, cfg.max_steps):
+                r = self.train_step(step)
+                self.log_step(r)
+                self.check_divergence(r)
+                done = step + 1
+                if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+                    self.log_eval(done)
+                stopping = self.stop_requested(stop)
+                if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or stopping:
+                    p = self.save(done)
+                    if stopping:
+                        self.log(f"stopped at step {done}: checkpoint saved to {p}. Run the same command to resume.")
+                        return 0
+                    self.log(f"saved checkpoint {p}")
+        return 0
 
 
 if __name__ == "__main__":

@@ -130,3 +130,40 @@ def test_console_script_help():
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     for cmd in ("prepare", "train", "generate", "eval", "validate"):
         assert cmd in out.stdout
+
+
+def test_fastgpt_modules_import_without_cycles():
+    """No two fastgpt modules import each other, directly or around a loop (function-level imports count;
+    imports under `if TYPE_CHECKING:` never run and do not)."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "fastgpt"
+    graph = {}
+    for f in pkg.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        deps = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastgpt."):
+                deps.add(node.module.split(".")[1])
+        graph[f.stem] = {d.split(".")[0] for d in deps} - {f.stem, "__init__"}
+    graph.pop("__init__", None)
+
+    def cycle_from(start, node, path):
+        for nxt in graph.get(node, ()):
+            if nxt == start:
+                return path + [nxt]
+            if nxt not in path:
+                found = cycle_from(start, nxt, path + [nxt])
+                if found:
+                    return found
+        return None
+
+    cycles = [c for m in graph if (c := cycle_from(m, m, [m]))]
+    assert not cycles, f"import cycles among fastgpt modules: {cycles}"

@@ -29,7 +29,7 @@ def test_greedy_with_cache_equals_without(model, prompt_len, new):
 
 
 def test_cached_logits_match_full_forward(model):
-    from fastgpt.model import KVCache
+    from fastgpt.generate import KVCache
 
     idx = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(1))
     full, _ = model(idx)

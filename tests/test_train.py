@@ -151,9 +151,16 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
 def test_grad_accumulation_and_indivisible_totals():
     assert grad_accum_steps(TrainConfig(), 1) == 8  # 32768 / (16 x 256)
     assert grad_accum_steps(TrainConfig(), 4) == 2
-    with pytest.raises(Exception, match=r"30,000 is not a multiple of .* = 4,096. Values that divide: "
-                                        r"--total_batch_size 28,672 or 32,768"):
+    with pytest.raises(Exception, match=r"30000 is not a multiple of .* = 4096. Values that divide: "
+                                        r"--total_batch_size 28672 or 32768") as e:
         grad_accum_steps(TrainConfig(total_batch_size=30_000), 1)
+    # Every value the hint suggests pastes back into the parser and divides.
+    from fastgpt.train import parse_args
+    import re
+
+    for value in re.findall(r"--total_batch_size (\d[\d,]*)", str(e.value).split("Values that divide:")[1]):
+        cfg, _ = parse_args(["--total_batch_size", value])
+        assert grad_accum_steps(cfg, 1) >= 1
     with pytest.raises(Exception, match=r"--micro_batch_size 1 or 2 or 4"):
         grad_accum_steps(TrainConfig(total_batch_size=1024, micro_batch_size=16, seq_len=256), 1)
 
