@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare", help="tokenize a dataset into .npy shards")
     psub = prep.add_subparsers(dest="source", required=True)
-    s = psub.add_parser("shakespeare", help="Tiny Shakespeare (downloaded unless --input is given)")
-    s.add_argument("--input", help="a local copy of the Tiny Shakespeare input.txt")
+    s = psub.add_parser("shakespeare", help="Tiny Shakespeare (packaged with fastgpt: works offline)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--input", help="a local copy of the Tiny Shakespeare input.txt instead of the packaged one")
+    src.add_argument("--download", action="store_true", help="fetch input.txt from the network instead")
+    src.add_argument("--url", help="fetch this URL instead (implies --download)")
     s.add_argument("--out", default="shakespeare_data")
     t = psub.add_parser("text", help="your own UTF-8 text files")
     t.add_argument("files", nargs="+")
@@ -95,7 +98,8 @@ def _prepare(args) -> int:
     from . import data
 
     if args.source == "shakespeare":
-        data.prepare_shakespeare(args.input, args.out)
+        url = args.url or (data.SHAKESPEARE_URL if args.download else None)
+        data.prepare_shakespeare(args.input, args.out, download_url=url)
     elif args.source == "text":
         data.prepare_texts(args.files, args.out, args.val_fraction, args.shard_tokens)
     else:

@@ -13,6 +13,7 @@ state is the next chunk as (shard, position), which checkpoints save.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import re
 import urllib.request
@@ -22,6 +23,9 @@ import numpy as np
 import torch
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# Tiny Shakespeare (public domain, 1.1 MB) ships inside the package, so preparing it needs no network.
+PACKAGED_SHAKESPEARE = Path(__file__).resolve().parent / "assets" / "tinyshakespeare.txt"
+DEFAULT_DATA_ROOT = "shakespeare_data"
 DEFAULT_SHARD_TOKENS = 100_000_000
 
 
@@ -92,15 +96,44 @@ def _save_train_val(tokens: list[int], out: str | Path, val_fraction: float, sha
     return n_train, n_val
 
 
-def prepare_shakespeare(input: str | Path | None = None, out: str | Path = "shakespeare_data") -> tuple[int, int]:
-    """Tiny Shakespeare -> out/train_00000.npy (90%) and out/val_00000.npy (10%)."""
-    if input is None:
-        input = download(SHAKESPEARE_URL, cache_dir() / "tinyshakespeare.txt", "Tiny Shakespeare",
-                         "Download input.txt elsewhere and pass it: fastgpt prepare shakespeare --input FILE")
+def prepare_shakespeare(input: str | Path | None = None, out: str | Path = DEFAULT_DATA_ROOT,
+                        download_url: str | None = None) -> tuple[int, int]:
+    """Tiny Shakespeare -> out/train_00000.npy (90%) and out/val_00000.npy (10%).
+
+    The text comes from `input` if given, else from `download_url` (fetched into the cache), else from
+    the copy packaged with fastgpt.
+    """
+    if input is None and download_url is not None:
+        # One cache file per URL: a cached copy from another --url must not stand in for this one.
+        tag = "" if download_url == SHAKESPEARE_URL else "-" + hashlib.sha1(download_url.encode()).hexdigest()[:12]
+        name = f"tinyshakespeare{tag}.txt"
+        input = download(download_url, cache_dir() / name, "Tiny Shakespeare",
+                         "Drop --download/--url to use the copy packaged with fastgpt, "
+                         "or pass a local copy with --input FILE")
+    elif input is None:
+        input = PACKAGED_SHAKESPEARE
+        if not input.is_file():
+            raise DataError(f"{input}: the packaged Tiny Shakespeare is missing (a broken install?); "
+                            f"reinstall fastgpt, or use --download or --input FILE")
     path = Path(input)
     if not path.is_file():
         raise DataError(f"{path}: no such file (pass the Tiny Shakespeare input.txt with --input)")
     return prepare_texts([path], out)
+
+
+def prepare_default_data(data_root: str | Path, log=print) -> bool:
+    """Prepare the packaged Tiny Shakespeare into data_root if it holds no shards yet; True if it did.
+
+    For the default --data_root only, so that `python train.py` on a fresh machine trains with no other
+    step; any other missing directory stays an error (a typo must not silently train on Shakespeare).
+    """
+    root = Path(data_root)
+    if root.is_dir() and any(_split_of(p.name) in ("train", "val") for p in root.glob("*.npy")):
+        return False
+    log(f"no data in {str(root)!r}: preparing the Tiny Shakespeare packaged with fastgpt "
+        f"(same as `fastgpt prepare shakespeare --out {root}`)")
+    prepare_shakespeare(None, root)
+    return True
 
 
 def prepare_texts(files: list[str | Path], out: str | Path, val_fraction: float = 0.1,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+# The copy packaged with fastgpt: tests read nothing outside the repository.
+SHAKESPEARE = ROOT / "fastgpt" / "assets" / "tinyshakespeare.txt"
 
 # Two layers of width 32 over the full GPT-2 vocabulary (the shards hold GPT-2 ids): a step of
 # 256 tokens takes a few tens of milliseconds, so resume tests can checkpoint every step.

@@ -22,9 +22,10 @@ def fastgpt(*args, cwd, check=True, timeout=300):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A user's directory after `fastgpt prepare shakespeare` and a one-step `fastgpt train` with CPU defaults."""
+    """A user's directory after `fastgpt prepare shakespeare` (the packaged text, no network) and a one-step
+    `fastgpt train` with CPU defaults."""
     d = tmp_path_factory.mktemp("user")
-    prep = fastgpt("prepare", "shakespeare", "--input", SHAKESPEARE, cwd=d)
+    prep = fastgpt("prepare", "shakespeare", cwd=d)
     train = fastgpt("train", "--max_steps", "1", cwd=d)
     return d, prep, train
 
@@ -54,6 +55,25 @@ def test_train_on_cpu_picks_the_cpu_preset_and_says_so(workdir):
     assert "step 0 | loss: 10." in out and "val loss " in out
     ckpt = torch.load(d / "log" / "model_00001.pt")
     assert ckpt["config"]["n_layer"] == 4 and ckpt["train_config"]["total_batch_size"] == 1024
+
+
+def test_prepare_shakespeare_sources(tmp_path, capsys, monkeypatch):
+    """--input reads a file; --download and --url fetch; two sources at once is a usage error."""
+    from fastgpt import data
+
+    fetched = []
+    monkeypatch.setattr(data, "download", lambda url, *a: fetched.append(url) or SHAKESPEARE)
+    assert cli.main(["prepare", "shakespeare", "--download", "--out", str(tmp_path / "d")]) == 0
+    assert cli.main(["prepare", "shakespeare", "--url", "http://mirror/input.txt", "--out", str(tmp_path / "u")]) == 0
+    assert cli.main(["prepare", "shakespeare", "--out", str(tmp_path / "p")]) == 0
+    assert fetched == [data.SHAKESPEARE_URL, "http://mirror/input.txt"]
+    assert cli.main(["prepare", "shakespeare", "--input", str(SHAKESPEARE), "--out", str(tmp_path / "a")]) == 0
+    assert "Saved 304,222 train tokens and 33,803 val tokens" in capsys.readouterr().out
+    assert cli.main(["prepare", "shakespeare", "--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path)]) == 1
+    assert "nope.txt: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["prepare", "shakespeare", "--download", "--input", str(SHAKESPEARE)])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_help_lists_every_command(tmp_path):

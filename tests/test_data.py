@@ -35,16 +35,82 @@ def test_prepare_shakespeare_exact_counts(shakespeare, capsys):
     assert "Saved 304,222 train tokens and 33,803 val tokens" in capsys.readouterr().out
 
 
-def test_prepare_shakespeare_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTGPT_CACHE", str(tmp_path / "cache"))
-
+def _offline(monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(DataError, match=r"--input FILE"):
-        data.prepare_shakespeare(None, tmp_path / "out")
-    assert not (tmp_path / "cache" / "tinyshakespeare.txt").exists()
+
+
+def test_prepare_shakespeare_needs_no_network(tmp_path, monkeypatch, capsys):
+    _offline(monkeypatch)
+    assert data.PACKAGED_SHAKESPEARE.read_bytes() == SHAKESPEARE.read_bytes()
+    assert data.prepare_shakespeare(None, tmp_path / "out") == (304_222, 33_803)
+    assert "Saved 304,222 train tokens and 33,803 val tokens" in capsys.readouterr().out
+
+
+def test_prepare_shakespeare_download_offline_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTGPT_CACHE", str(tmp_path / "cache"))
+    _offline(monkeypatch)
+    with pytest.raises(DataError, match=r"could not download.*Drop --download/--url.*--input FILE"):
+        data.prepare_shakespeare(None, tmp_path / "out", download_url=data.SHAKESPEARE_URL)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_shakespeare_url_is_cached_per_url(tmp_path, monkeypatch):
+    """--url fetches through the cache; a second URL is fetched again, never served the first one's file."""
+    import io
+
+    monkeypatch.setenv("FASTGPT_CACHE", str(tmp_path / "cache"))
+    texts = {"http://a/x.txt": "First Citizen:\nBefore we proceed.\n" * 30,
+             "http://b/y.txt": "ROMEO:\nBut soft.\n" * 30}
+    fetched = []
+
+    def fake_urlopen(url, timeout):
+        fetched.append(url)
+        return io.BytesIO(texts[url].encode())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    for url in texts:
+        n_train, n_val = data.prepare_shakespeare(None, tmp_path / "out", download_url=url)
+        assert n_train + n_val == len(get_encoding().encode_ordinary(texts[url]))
+    data.prepare_shakespeare(None, tmp_path / "out", download_url="http://a/x.txt")  # cached: no fetch
+    assert fetched == ["http://a/x.txt", "http://b/y.txt"]
+
+
+def test_a_built_wheel_carries_the_packaged_shakespeare(tmp_path):
+    """A non-editable install has the text too: it is package data in the wheel."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from _train_util import ROOT
+
+    src = tmp_path / "src"  # build from a copy: setuptools writes build/ and *.egg-info beside the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for pkg in ("fastgpt", "kernels", "bench"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                        "--no-index", "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "dist").glob("fastgpt-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("fastgpt/assets/tinyshakespeare.txt") == SHAKESPEARE.read_bytes()
+
+
+def test_default_data_is_prepared_only_when_missing(tmp_path, capsys):
+    root = tmp_path / "shakespeare_data"
+    assert data.prepare_default_data(root) is True
+    out = capsys.readouterr().out
+    assert "preparing the Tiny Shakespeare packaged with fastgpt" in out and "Saved 304,222 train tokens" in out
+    assert sorted(p.name for p in root.iterdir()) == ["train_00000.npy", "val_00000.npy"]
+    np.save(root / "val_00000.npy", np.arange(100, dtype=np.uint16))  # the user's own shards are kept
+    assert data.prepare_default_data(root) is False
+    assert len(np.load(root / "val_00000.npy")) == 100 and capsys.readouterr().out == ""
 
 
 def test_prepare_text_shards_and_fraction(tmp_path):
