@@ -10,6 +10,7 @@ never falls back; `kernels="torch"` always takes the reference.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Iterable
 
 import torch
@@ -32,21 +33,45 @@ def _kernels():
     return _kernels_module
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_can_run(devices: tuple[str, ...]) -> bool:
+    """Whether the kernels can run on tensors on `devices` (sorted device strings).
+
+    Only one CUDA device, or the CPU under TRITON_INTERPRET=1, can; only then is `kernels` (and with it
+    triton, ~75 MiB and seconds of import) imported, so a CPU run never loads it. torch.compile calls
+    this while tracing and bakes the answer into the graph, so the lazy import never lands inside a
+    compiled region as a graph break.
+    """
+    if len(devices) != 1:
+        return False  # one kernel runs on one device
+    dev = devices[0]
+    if not (dev.startswith("cuda") or (dev == "cpu" and _interpreting())):
+        return False
+    return _kernels() is not None
+
+
+# What torch.compiler.assume_constant_result(fn) does, minus its `import torch._dynamo`: importing dynamo
+# pulls in triton, the very import this function exists to avoid on CPU. tests/test_ops_lazy.py proves
+# the marker still works (no graph breaks).
+_triton_can_run._dynamo_marked_constant = True
+
+
 def use_triton(mode: str, *tensors: torch.Tensor) -> bool:
     """Decide Triton or PyTorch for one call. Raises where `mode == "triton"` cannot be honoured."""
     if mode == "torch":
         return False
     if mode not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {mode!r}")
-    k = _kernels()
-    if k is None:
-        if mode == "triton":
-            raise RuntimeError(f"kernels='triton' was requested but the kernels package cannot be imported: "
-                               f"{_kernels_error!r}")
-        return False
-    if k.can_launch(*tensors):
+    if _triton_can_run(tuple(sorted({str(t.device) for t in tensors}))):
         return True
     if mode == "triton":
+        k = _kernels()
+        if k is None:
+            raise RuntimeError(f"kernels='triton' was requested but the kernels package cannot be imported: "
+                               f"{_kernels_error!r}")
         raise RuntimeError(f"kernels='triton' was requested but Triton cannot run here: {k.why_not(*tensors)}. "
                            f"Use kernels='auto' or 'torch'.")
     return False
