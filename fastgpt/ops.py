@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from . import loss
 from .config import KERNEL_CHOICES
 
 _kernels_module = None
@@ -119,7 +120,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """cross_entropy(x @ weight.T, targets) for (N, C) x and (V, C) weight; target -1 is ignored."""
     if use_triton(mode, x, weight):
         return _kernels().linear_cross_entropy(x, weight, targets, ignore_index=-1)
-    return cross_entropy(F.linear(x, weight), targets, mode)
+    return loss.linear_cross_entropy(x, weight, targets, ignore_index=-1)
 
 
 def make_optimizer(param_groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
