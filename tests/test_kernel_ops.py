@@ -40,13 +40,18 @@ def _opcheck_cases(device):
     return [
         ("layer_norm_fwd", (x, w, b, 1e-5)),
         ("layer_norm_fwd", (x, w, None, 1e-5)),
+        ("layer_norm_fwd", (x, w, b, 1e-5, torch.bfloat16)),  # autocast: fp32 in, bf16 out
+        ("layer_norm_fwd", (x, None, None, 1e-5)),  # no affine parameters
         ("layer_norm_bwd", (dy, x.detach(), w.detach(), mean, rstd, True)),
+        ("layer_norm_bwd", (dy.bfloat16(), x.detach(), w.detach(), mean, rstd, True)),
+        ("layer_norm_bwd", (dy, x.detach(), None, mean, rstd, False)),
         ("gelu_fwd", (x,)),
         ("gelu_bwd", (dy, x.detach())),
     ]
 
 
-@pytest.mark.parametrize("case", range(5), ids=["ln_fwd", "ln_fwd_nobias", "ln_bwd", "gelu_fwd", "gelu_bwd"])
+@pytest.mark.parametrize("case", range(9), ids=["ln_fwd", "ln_fwd_nobias", "ln_fwd_bf16_out", "ln_fwd_noaffine",
+                                                "ln_bwd", "ln_bwd_bf16_dy", "ln_bwd_noaffine", "gelu_fwd", "gelu_bwd"])
 def test_opcheck(case, kernel_device):
     """torch.library.opcheck: schema, fake impl vs real outputs, autograd registration, AOT dispatch."""
     name, args = _opcheck_cases(kernel_device)[case]
