@@ -261,7 +261,7 @@ class FastgptOps(TorchDispatchMode):
         elif name == "attention_bwd":
             work = self._attention_bwd_workspace(*args)
         else:
-            work = []  # layer_norm_bwd's per-program partial sums (2 x 2*SMs x C fp32, < 4 MiB): not modelled
+            work = []  # layer_norm_bwd's per-program partial sums (2 x G x C fp32, G = blocks/SM x SMs, < 8 MiB): not modelled
         nbytes = sum(t.untyped_storage().nbytes() for t in work)
         self.workspace[name] = max(self.workspace.get(name, 0), nbytes)
         out = func(*args, **kwargs)
