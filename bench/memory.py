@@ -251,10 +251,17 @@ class FastgptOps(TorchDispatchMode):
             if self.ce_chunk_rows:
                 args[6] = self.ce_chunk_rows
             work = self._ce_workspace(*args)
+        elif name == "layer_norm_fwd":
+            # kernels.layer_norm writes its output in the autocast dtype (fp32 in, bf16 out), read from
+            # torch's CUDA autocast state, which CudaAutocast cannot set for CPU tensors.
+            args = list(args) + [None] * (5 - len(args))
+            if args[0].dtype != self.compute_dtype:
+                args[4] = self.compute_dtype
+            work = []
         elif name == "attention_bwd":
             work = self._attention_bwd_workspace(*args)
         else:
-            work = []  # layer_norm_bwd's per-program partial sums (2 x 2*SMs x C fp32, < 4 MiB): not modelled
+            work = []  # layer_norm_bwd's per-program partial sums (2 x G x C fp32, G = blocks/SM x SMs, < 8 MiB): not modelled
         nbytes = sum(t.untyped_storage().nbytes() for t in work)
         self.workspace[name] = max(self.workspace.get(name, 0), nbytes)
         out = func(*args, **kwargs)

@@ -168,7 +168,11 @@ def render_report(data: dict, chart_name: str | None = None, memory: list[str] |
     steps = [g for g in gs if g.startswith("train-step")]
     kernels = [g for g in gs if g not in steps]
     if steps:
+        from fastgpt.model import FLOP_CONVENTION
+
         out.append("## Training step (forward, backward, AdamW)\n")
+        out.append(f"TFLOP/s and MFU count fastgpt.model.train_flops_per_token ({FLOP_CONVENTION} attention: "
+                   f"6N + 6·L·C·T a token), the convention of the training log's MFU and the roofline.\n")
         out += [group_table(g, gs[g]) for g in steps]
     if kernels:
         out.append("## Kernels\n")

@@ -5,7 +5,13 @@ Floor time = max(bytes / HBM bandwidth, matmul FLOPs / bf16 tensor-core peak). O
 full training step have matmul FLOPs; layer_norm, gelu and AdamW are bandwidth-bound by construction
 (their few FLOPs per element run on CUDA cores, far from either roof), so their floor is bytes / bandwidth.
 Bytes count each tensor read or written once (the ideal a fused kernel can reach), bf16 activations,
-fp32 parameters and optimizer state, fp32 per-row statistics.
+fp32 parameters and optimizer state, fp32 per-row statistics. LayerNorm uses the model's real dtypes
+under bf16 autocast: it reads the fp32 residual stream and writes bf16 (the kernel emits the autocast
+dtype), so its forward moves 4 + 2 bytes an element and its backward reads x (4) and a bf16 dy (2) and
+writes an fp32 dx (4).
+
+FLOPs of a training step: `fastgpt.model.train_flops_per_token`, the one convention for MFU in the
+training log, here and in the bench report (causal attention: 6N + 6·L·C·T a token).
 
 GPUs: A100 SXM 80GB (2.039 TB/s HBM2e; the 40GB part has 1.555 TB/s), 312 TFLOP/s dense bf16;
 H100 SXM (3.35 TB/s HBM3, 989 TFLOP/s dense bf16).
@@ -14,12 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastgpt.model import FLOP_CONVENTION, train_flops_per_token
+
 GPUS = {
     # name: (HBM bytes/s, dense bf16 tensor-core FLOP/s)
     "A100-SXM4-80GB": (2.039e12, 312e12),
     "H100-SXM": (3.35e12, 989e12),
 }
-# torch.cuda.get_device_name() fragments -> (bytes/s, FLOP/s), most specific first.
+# torch.cuda.get_device_name() fragments -> (bytes/s, FLOP/s); the longest fragment in the name wins
+# ("GH200" over "H200", "L40S" over "L40" over "L4", "H100 PCIe" over "H100").
 KNOWN_GPUS = [
     ("H100 PCIe", (2.0e12, 756e12)),
     ("H100 NVL", (3.9e12, 835e12)),
@@ -31,6 +40,7 @@ KNOWN_GPUS = [
     ("A100 80GB PCIe", (1.935e12, 312e12)),
     ("A100", (2.039e12, 312e12)),
     ("L40S", (0.864e12, 362e12)),
+    ("L40", (0.864e12, 181e12)),
     ("L4", (0.3e12, 121e12)),
     ("A10", (0.6e12, 125e12)),
     ("RTX 4090", (1.008e12, 165e12)),
@@ -45,10 +55,21 @@ BATCH, SEQ, HEAD_DIM = 16, 1024, 64
 
 def gpu_peaks(name: str) -> tuple[float, float] | None:
     """(HBM bytes/s, bf16 FLOP/s) for a torch.cuda.get_device_name(), or None if unknown."""
-    for frag, peaks in KNOWN_GPUS:
-        if frag.lower() in name.lower():
-            return peaks
-    return None
+    hits = [(len(frag), peaks) for frag, peaks in KNOWN_GPUS if _contains_word(name, frag)]
+    return max(hits, key=lambda h: h[0])[1] if hits else None
+
+
+def _contains_word(name: str, frag: str) -> bool:
+    """`frag` in `name`, case-insensitive, not running on into a letter or digit: "L4" is in "NVIDIA L4"
+    but not in "NVIDIA L40S", "A10" not in "A100"."""
+    name, frag = name.lower(), frag.lower()
+    start = name.find(frag)
+    while start >= 0:
+        end = start + len(frag)
+        if end == len(name) or not name[end].isalnum():
+            return True
+        start = name.find(frag, start + 1)
+    return False
 
 
 @dataclass
@@ -62,9 +83,14 @@ class Cost:
         return max(self.bytes / bw, self.flops / flops if self.flops else 0.0)
 
 
-def layer_norm_cost(rows: int, C: int, pass_: str, act_bytes: int = 2) -> Cost:
-    fwd = 2 * rows * C * act_bytes + 2 * rows * 4 + 2 * C * 4  # x in, y out, mean+rstd out, w+b in
-    bwd = 3 * rows * C * act_bytes + 2 * rows * 4 + 4 * C * 4  # x, dy in, dx out, stats in, dw+db
+def layer_norm_cost(rows: int, C: int, pass_: str, act_bytes: int | None = None, *, in_bytes: int = 4,
+                    out_bytes: int = 2) -> Cost:
+    """The model's LayerNorm under bf16 autocast by default: fp32 x in, bf16 y out (dy in bf16, dx fp32).
+    `act_bytes` sets both (a LayerNorm on 16-bit activations, as the kernel benchmark runs it)."""
+    if act_bytes is not None:
+        in_bytes = out_bytes = act_bytes
+    fwd = rows * C * (in_bytes + out_bytes) + 2 * rows * 4 + 2 * C * 4  # x in, y out, mean+rstd out, w+b in
+    bwd = rows * C * (2 * in_bytes + out_bytes) + 2 * rows * 4 + 4 * C * 4  # x, dy in, dx out, stats in, dw+db
     b = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
     return Cost(f"layer_norm-{pass_}", f"{rows}x{C}", b, 0.0)
 
@@ -93,8 +119,9 @@ def adamw_cost(n_params: int) -> Cost:
 
 
 def train_step_flops(n_params: int, n_layer: int, C: int, T: int, tokens: int, vocab_params: int = 0) -> float:
-    """6N per token for the matmuls (N without wpe) + 12·L·C·T per token for attention (nanoGPT's estimate)."""
-    return (6 * (n_params - vocab_params) + 12 * n_layer * C * T) * tokens
+    """FLOPs of a training step of `tokens` tokens: fastgpt.model.train_flops_per_token (causal attention),
+    with N = n_params - vocab_params (pass wpe's size: the position embedding does no matmul)."""
+    return train_flops_per_token(n_params - vocab_params, n_layer, C, T) * tokens
 
 
 def gpt2_costs(batch: int = BATCH, seq: int = SEQ) -> list[Cost]:
@@ -116,11 +143,12 @@ def roofline_table(measured: dict[tuple[str, str], tuple[float, str]] | None = N
     a_bw, a_fl = GPUS["A100-SXM4-80GB"]
     h_bw, h_fl = GPUS["H100-SXM"]
     lines = [
-        "## Roofline at GPT-2 shapes (batch 16, T 1024, head dim 64, bf16 activations)",
+        "## Roofline at GPT-2 shapes (batch 16, T 1024, head dim 64, bf16 activations; LayerNorm fp32 in, bf16 out)",
         "",
         "Floor = max(bytes / HBM bandwidth, matmul FLOPs / dense bf16 peak). A100 = SXM4 80GB "
         "(2.039 TB/s, 312 TFLOP/s); H100 = SXM (3.35 TB/s, 989 TFLOP/s). layer_norm, gelu and AdamW have "
-        "no tensor-core work: their floor is bandwidth. Measured fraction = floor on the measuring GPU / time.",
+        "no tensor-core work: their floor is bandwidth. Measured fraction = floor on the measuring GPU / time. "
+        f"Training FLOPs: fastgpt.model.train_flops_per_token ({FLOP_CONVENTION} attention, 6N + 6·L·C·T a token).",
         "",
         "| kernel | shape | MB moved | GFLOP | A100 floor (us) | H100 floor (us) | bound on H100 | measured (us) | fraction of floor |",
         "|---|---|---|---|---|---|---|---|---|",

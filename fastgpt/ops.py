@@ -87,11 +87,16 @@ def backend_name(mode: str, device: torch.device | str) -> str:
 # --------------------------------------------------------------------------------------------
 # Ops. Each takes the mode last; the torch branch is the reference the kernels are tested against.
 # --------------------------------------------------------------------------------------------
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                mode: str = "auto") -> torch.Tensor:
-    if use_triton(mode, x, weight):
+    """LayerNorm over the last dim. Output dtype, both branches: the autocast dtype under autocast (every
+    consumer in the model is a matmul that would cast to it; the kernel writes it directly), else x's."""
+    if use_triton(mode, x, *(t for t in (weight, bias) if t is not None)):
         return _kernels().layer_norm(x, weight, bias, eps)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        y = y.to(torch.get_autocast_dtype(x.device.type))
+    return y
 
 
 def gelu(x: torch.Tensor, mode: str = "auto") -> torch.Tensor:

@@ -4,7 +4,8 @@ Each family lives in its own file (design docstring, @triton.jit kernels, launch
 autograd, PyTorch reference). Every public function is a `torch.library` custom op in the
 "fastgpt" namespace with a fake implementation and a registered autograd formula.
 
-    kernels.layer_norm(x, weight, bias, eps=1e-5)       == F.layer_norm over the last dim
+    kernels.layer_norm(x, weight, bias, eps=1e-5)       == F.layer_norm over the last dim (weight/bias may be None;
+                                                         under autocast the output is in the autocast dtype)
     kernels.gelu(x)                                      == F.gelu(x, approximate="tanh")
     kernels.attention(q, k, v, causal=True, scale=None)  == F.scaled_dot_product_attention, (B, H, T, D)
     kernels.linear_cross_entropy(x, weight, targets)     == F.cross_entropy(x @ weight.T, targets)

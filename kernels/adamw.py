@@ -9,15 +9,26 @@ a step count per param), computed in fp32:
     v  <- v * beta2 + (1 - beta2) * g * g
     p  <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-Algorithm: a pointer table. For every tensor to update, one row of 12 int64 values goes into a
-table: the addresses of p, g, m, v, numel, then the per-tensor scalars stored as fp64 bit
-patterns (1 - lr*wd, lr / bias_correction1, sqrt(bias_correction2), 1 - beta1, beta2, 1 - beta2,
-eps). The bias corrections are computed on the host in fp64 from each param's own step count,
-as torch does. A second table maps each program to (tensor index, first element): tensor t gets
-ceil(numel_t / BLOCK) programs. The kernel casts the int64 addresses to typed pointers and streams
-BLOCK elements of p, g, m, v. The block table depends only on the numels, so it is cached; the
-pointer table (grads move between steps, LR changes) is rebuilt each step as one small host
-tensor copied to the device in one transfer.
+Algorithm: a pointer table that lives on the device. For every tensor to update, one row of 7 int64
+values: the element offsets of p, m, v from one base pointer, numel, the row of its hyperparameters
+in a small fp64 table (lr, weight_decay, beta1, beta2, eps; one row per distinct set, i.e. per param
+group) and the tensor's step count when the table was built (fp64 bits); the grads' offsets from a
+second base pointer sit in their own small array. A third table maps each program to (tensor index,
+first element): tensor t gets ceil(numel_t / BLOCK) programs. The kernel reads its tensor's row,
+computes the step's scalars in fp64 (step = built step + the launch's `step_delta`; bias corrections
+1 - beta^step as exp(step * log(beta))), and streams BLOCK elements of p, g, m, v.
+
+No host -> device copy per step. The tables are built (one copy each) when the set of tensors changes:
+other params or optimizer-state addresses (new params, a param without a grad this step), numels,
+grad dtypes or alignment, groups, or step counts that no longer advance together (a loaded
+state_dict). Otherwise a step reuses them: the steps enter as the kernel's integer `step_delta`
+argument, and a changed hyperparameter (the LR schedule) is written into its cell of the device table
+with `fill_`, a kernel launch that carries the value as an argument (one small launch per group whose
+values changed; no copy, no sync). Grads are autograd's to place: the kernel takes the first grad as
+its base pointer, so grads that keep their layout relative to each other (the steady state of the
+caching allocator, DDP's bucket views) cost nothing; if they moved apart, their offsets (8 bytes a
+tensor) go up in one asynchronous copy from pinned memory, still without a sync. The plans are cached
+per set of tensors, 8 at most.
 
 Launches per `step()`: one per (device, grad dtype, aligned?) class present -- normally exactly
 one -- whatever the number of tensors. "Aligned" means all four addresses are 16-byte aligned
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -49,33 +61,32 @@ BLOCK = 2048  # elements per program: 16 per thread at 4 warps (4 x 128-bit fp32
 # larger blocks there cut a tiny model's step from seconds of per-program overhead to a few programs.
 INTERPRET_BLOCK = 1 << 16
 NUM_WARPS = 4
-_COLS = 12  # int64 columns of the pointer table, see the module docstring
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _f64(row_ptr, col: tl.constexpr):
-    # a host fp64 stored as its int64 bit pattern -> fp32
-    return tl.load(row_ptr + col).to(tl.float64, bitcast=True).to(tl.float32)
+_COLS = 7  # int64 columns of the pointer table: p, (unused), m, v offsets, numel, hyper row, step (fp64 bits)
+_HYPER = 5  # fp64 columns of the hyperparameter table: lr, weight_decay, beta1, beta2, eps
 
 
-@triton.jit
-def _adamw_kernel(table_ptr, blocks_ptr, base_ptr, grad_base_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["step_delta"])  # one compiled kernel for every step count
+def _adamw_kernel(table_ptr, goffs_ptr, blocks_ptr, hyper_ptr, base_ptr, grad_base_ptr, step_delta,
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     # base_ptr: any fp32 tensor on the device; grad_base_ptr: any tensor of the grads' dtype. The
     # table holds each tensor's element offset from these bases, so addresses keep the pointer
     # arguments' 16-byte divisibility and the loads vectorise (an int64 -> pointer cast would lose it).
     pid = tl.program_id(0)
     t = tl.load(blocks_ptr + 2 * pid)  # tensor index
     start = tl.load(blocks_ptr + 2 * pid + 1)  # first element of this block, a multiple of BLOCK
-    row = table_ptr + t * 12
+    row = table_ptr + t * 7
     p_off = tl.load(row + 0)
-    g_off = tl.load(row + 1)
+    g_off = tl.load(goffs_ptr + t)  # grads may move between steps: their offsets live apart
     m_off = tl.load(row + 2)
     v_off = tl.load(row + 3)
     n = tl.load(row + 4)
+    hyper = hyper_ptr + tl.load(row + 5) * 5
     if ALIGNED:
         # host checked: 16-byte aligned tensors, numel % 16 == 0 -> 128-bit loads, uniform masks
         p_off = tl.multiple_of(p_off, 16)
@@ -84,13 +95,22 @@ def _adamw_kernel(table_ptr, blocks_ptr, base_ptr, grad_base_ptr, ALIGNED: tl.co
         v_off = tl.multiple_of(v_off, 16)
         n = tl.multiple_of(n, 16)
     start = tl.multiple_of(start, BLOCK)
-    keep = _f64(row, 5)
-    step_size = _f64(row, 6)
-    bc2_sqrt = _f64(row, 7)
-    one_minus_beta1 = _f64(row, 8)
-    beta2 = _f64(row, 9)
-    one_minus_beta2 = _f64(row, 10)
-    eps = _f64(row, 11)
+
+    # This tensor's scalars, in fp64 as torch computes them on the host, then fp32 for the update.
+    step = tl.load(row + 6).to(tl.float64, bitcast=True) + step_delta.to(tl.float64)
+    lr = tl.load(hyper + 0)
+    wd = tl.load(hyper + 1)
+    beta1 = tl.load(hyper + 2)
+    beta2 = tl.load(hyper + 3)
+    eps = tl.load(hyper + 4).to(tl.float32)
+    bc1 = 1.0 - tl.exp(step * tl.log(beta1))  # beta1 = 0: log -> -inf, exp -> 0, bc1 = 1
+    bc2 = 1.0 - tl.exp(step * tl.log(beta2))
+    keep = (1.0 - lr * wd).to(tl.float32)
+    step_size = (lr / bc1).to(tl.float32)
+    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+    one_minus_beta1 = (1.0 - beta1).to(tl.float32)
+    one_minus_beta2 = (1.0 - beta2).to(tl.float32)
+    beta2 = beta2.to(tl.float32)
 
     offs = start + tl.arange(0, BLOCK)  # int64: tensors may exceed 2^31 elements
     mask = offs < n
@@ -154,19 +174,117 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 64 == 0 for t in tensors) and tensors[0].numel() % 16 == 0
 
 
-def _launch(params, grads, exp_avgs, exp_avg_sqs, scalars, aligned: bool) -> None:
-    """One launch over the given tensors (same device, same grad dtype, same alignment class)."""
+@dataclass
+class _Class:
+    """One launch: tensors with the same grad dtype and alignment."""
+
+    aligned: bool
+    idx: list[int]  # the tensors' positions in the step's lists
+    table: torch.Tensor  # (n, 7) int64 on the device
+    goffs: torch.Tensor  # (n,) int64 on the device: grad offsets from the first grad
+    goffs_host: list[int]  # what `goffs` holds
+    blocks: torch.Tensor  # (nb, 2) int64 on the device
+    nb: int
+
+
+@dataclass
+class _Plan:
+    """The device tables of one set of tensors (see the module docstring), reused while the set holds."""
+
+    classes: list[_Class]
+    hyper: torch.Tensor  # (rows, 5) fp64 on the device
+    hyper_host: list[tuple[float, ...]]  # what `hyper` holds, to write only the cells that change
+    steps: list[float]  # each tensor's step count the tables were built with
+
+
+_PLANS: OrderedDict = OrderedDict()  # key (device, addresses, numels, dtypes, groups) -> _Plan
+_STATS = {"builds": 0, "grad_moves": 0}  # plans built, grad-offset uploads (tests count them)
+_MAX_PLANS = 8
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device; from pinned memory without a sync on CUDA."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
+
+
+def _build_plan(params, grads, exp_avgs, exp_avg_sqs, classes, rows, hyper_values, steps, block) -> _Plan:
+    """Tables for these tensors: one host -> device copy per table, only when the set changes."""
+    _STATS["builds"] += 1
     device = params[0].device
-    base, grad_base = params[0], grads[0]
-    cols = [_offsets(params, base), _offsets(grads, grad_base), _offsets(exp_avgs, base),
-            _offsets(exp_avg_sqs, base), [p.numel() for p in params]]
-    ints = torch.tensor(cols, dtype=torch.int64).T
-    floats = torch.tensor(scalars, dtype=torch.float64).view(torch.int64)
-    table = torch.cat([ints, floats], dim=1).contiguous().to(device)
+    out = []
+    for (_, aligned), idx in classes.items():
+        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+        ms, vs = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
+        cols = [_offsets(ps, ps[0]), [0] * len(ps), _offsets(ms, ps[0]), _offsets(vs, ps[0]),
+                [p.numel() for p in ps], [rows[i] for i in idx]]
+        ints = torch.tensor(cols, dtype=torch.int64).T  # (n, 6)
+        step_bits = torch.tensor([steps[i] for i in idx], dtype=torch.float64).view(torch.int64)[:, None]
+        table = torch.cat([ints, step_bits], dim=1).contiguous().to(device)  # (n, 7)
+        goffs = _offsets(gs, gs[0])
+        blocks, nb = _block_table(tuple(p.numel() for p in ps), device, block)
+        out.append(_Class(aligned, idx, table, _to_device(goffs, torch.int64, device), goffs, blocks, nb))
+    hyper = torch.tensor(hyper_values, dtype=torch.float64).reshape(-1, _HYPER).to(device)
+    return _Plan(out, hyper, list(hyper_values), list(steps))
+
+
+def _step_delta(plan: _Plan, steps: list[float]) -> int | None:
+    """The integer d with steps[i] == plan.steps[i] + d for every tensor, or None (the tables' step
+    counts no longer apply: rebuild)."""
+    d = steps[0] - plan.steps[0]
+    if d != int(d) or not 0 <= d < 2**31 or any(s - s0 != d for s, s0 in zip(steps, plan.steps)):
+        return None
+    return int(d)
+
+
+def _run(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps) -> None:
+    """Find (or build) the plan of these tensors, refresh what changed, launch once per class."""
+    device = params[0].device
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    # Hyperparameter rows: one per distinct (lr, wd, beta1, beta2, eps), i.e. per param group.
+    rows, hyper_values, seen = [], [], {}
+    for vals in zip(lrs, weight_decays, beta1s, beta2s, epss):
+        if vals not in seen:
+            seen[vals] = len(hyper_values)
+            hyper_values.append(vals)
+        rows.append(seen[vals])
+    classes: dict = {}
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        classes.setdefault((g.dtype, _aligned(p, g, m, v)), []).append(i)
+    # The key: what the tables encode. Not the hyperparameter values (written below), not where the
+    # grads are (autograd may allocate them anew each step: their offsets are refreshed below).
+    key = (str(device), tuple(rows), tuple((k, tuple(idx)) for k, idx in classes.items()),
+           tuple((p.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel()) for p, m, v in zip(params, exp_avgs, exp_avg_sqs)))
+    plan = _PLANS.get(key)
+    delta = _step_delta(plan, steps) if plan is not None else None
     block = INTERPRET_BLOCK if interpreting() else BLOCK
-    blocks, nb = _block_table(tuple(p.numel() for p in params), device, block)
-    count_launch("adamw")
-    _adamw_kernel[(nb,)](table, blocks, base, grad_base, ALIGNED=aligned, BLOCK=block, num_warps=NUM_WARPS)
+    if delta is None:
+        plan = _PLANS[key] = _build_plan(params, grads, exp_avgs, exp_avg_sqs, classes, rows, hyper_values,
+                                         steps, block)
+        delta = 0
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+        for r, vals in enumerate(hyper_values):
+            if vals != plan.hyper_host[r]:  # e.g. the LR schedule: write the changed cells on the device
+                for c, (new, old) in enumerate(zip(vals, plan.hyper_host[r])):
+                    if new != old:
+                        plan.hyper[r, c].fill_(new)
+                plan.hyper_host[r] = vals
+        for cls in plan.classes:
+            goffs = _offsets([grads[i] for i in cls.idx], grads[cls.idx[0]])
+            if goffs != cls.goffs_host:  # grads moved relative to each other: one small async upload
+                _STATS["grad_moves"] += 1
+                cls.goffs = _to_device(goffs, torch.int64, device)
+                cls.goffs_host = goffs
+    for cls in plan.classes:
+        # Offsets are from the class's first param and grad: those of this call (the key's addresses).
+        count_launch("adamw")
+        _adamw_kernel[(cls.nb,)](cls.table, cls.goffs, cls.blocks, plan.hyper, params[cls.idx[0]],
+                                 grads[cls.idx[0]], delta, ALIGNED=cls.aligned, BLOCK=block, num_warps=NUM_WARPS)
 
 
 def _check_tensors(params, grads, exp_avgs, exp_avg_sqs) -> None:
@@ -174,20 +292,32 @@ def _check_tensors(params, grads, exp_avgs, exp_avg_sqs) -> None:
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
         raise ValueError("adamw_step: params, grads, exp_avgs, exp_avg_sqs must have equal lengths")
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        for name, t in (("param", p), ("exp_avg", m), ("exp_avg_sq", v)):
-            if t.dtype != torch.float32:
-                raise ValueError(f"FusedAdamW needs fp32 {name}s, tensor {i} is {t.dtype}")
-            if not t.is_contiguous():
-                raise ValueError(f"FusedAdamW needs contiguous {name}s, tensor {i} has strides {t.stride()}")
-        if g.dtype not in _GRAD_DTYPES:
-            raise ValueError(f"FusedAdamW supports fp32/bf16/fp16 grads, tensor {i} is {g.dtype}")
-        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape:
-            raise ValueError(f"adamw_step: shape mismatch at tensor {i}: param {tuple(p.shape)}, "
-                             f"grad {tuple(g.shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq {tuple(v.shape)}")
+        _check_one(p, g, f"tensor {i}", m, v)
+
+
+def _check_one(p: torch.Tensor, g: torch.Tensor, where: str, m=None, v=None) -> None:
+    """Raise ValueError naming `where` for what the kernel cannot update."""
+    if g.is_sparse:
+        raise ValueError(f"FusedAdamW does not support sparse gradients ({where})")
+    for name, t in (("param", p), ("exp_avg", m), ("exp_avg_sq", v)):
+        if t is None:
+            continue
+        if t.dtype != torch.float32:
+            raise ValueError(f"FusedAdamW needs fp32 {name}s, {where} is {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"FusedAdamW needs contiguous {name}s, {where} has strides {t.stride()}")
+        if t.shape != p.shape:
+            raise ValueError(f"FusedAdamW: {name} of shape {tuple(t.shape)} for a param of shape "
+                             f"{tuple(p.shape)} ({where})")
+    if g.dtype not in _GRAD_DTYPES:
+        raise ValueError(f"FusedAdamW supports fp32/bf16/fp16 grads, {where} has a {g.dtype} grad")
+    if g.shape != p.shape:
+        raise ValueError(f"FusedAdamW: grad of shape {tuple(g.shape)} for a param of shape {tuple(p.shape)} "
+                         f"({where})")
 
 
 def _per_tensor_scalars(lr, wd, beta1, beta2, eps, step) -> list[float]:
-    """Host-side fp64 scalars of one tensor, in the table's column order (columns 5..11)."""
+    """Host-side fp64 scalars of one tensor (the reference's; the kernel computes the same on the device)."""
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
     return [1.0 - lr * wd, lr / bc1, math.sqrt(bc2), 1.0 - beta1, beta2, 1.0 - beta2, eps]
@@ -208,18 +338,9 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     if not can_launch(*params, *grads, *exp_avgs, *exp_avg_sqs):
         raise RuntimeError(f"FusedAdamW cannot launch its Triton kernel: "
                            f"{why_not(*params, *grads, *exp_avgs, *exp_avg_sqs)}")
-    classes: dict = {}
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        g = g if g.is_contiguous() else g.contiguous()
-        key = (p.device, g.dtype, _aligned(p, g, m, v))
-        cls = classes.setdefault(key, ([], [], [], [], []))
-        cls[0].append(p)
-        cls[1].append(g)
-        cls[2].append(m)
-        cls[3].append(v)
-        cls[4].append(_per_tensor_scalars(lrs[i], weight_decays[i], beta1s[i], beta2s[i], epss[i], steps[i]))
-    for (_, _, aligned), (ps, gs, ms, vs, sc) in classes.items():
-        _launch(ps, gs, ms, vs, sc, aligned)
+    if len({p.device for p in params}) != 1:
+        raise ValueError("FusedAdamW: all params of one step must be on one device")
+    _run(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps)
 
 
 @adamw_step.register_fake
@@ -253,15 +374,26 @@ class FusedAdamW(torch.optim.Optimizer):
             if given[name]:
                 raise ValueError(f"FusedAdamW does not support {name}={given[name]!r}; "
                                  f"use torch.optim.AdamW for it")
-        lr_f = float(lr)
-        if lr_f < 0.0:
-            raise ValueError(f"invalid learning rate: {lr}")
-        if eps < 0.0:
-            raise ValueError(f"invalid eps: {eps}")
-        if not (0.0 <= float(betas[0]) < 1.0 and 0.0 <= float(betas[1]) < 1.0):
-            raise ValueError(f"invalid betas: {betas}")
-        if weight_decay < 0.0:
-            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        # torch.optim.AdamW's checks, in its order and with its messages
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+                or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i, b in enumerate(betas):
+            if isinstance(b, torch.Tensor) and b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
@@ -288,36 +420,36 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params, grads, ms, vs, step_ts = [], [], [], [], []
-        lrs, wds, b1s, b2s, epss = [], [], [], [], []
-        for group in self.param_groups:
+        # Everything the kernel cannot take is refused before any state is created or stepped.
+        todo = []
+        for gi, group in enumerate(self.param_groups):
             self._check_group(group)
-            lr = float(group["lr"])
-            beta1, beta2 = (float(b) for b in group["betas"])
-            for p in group["params"]:
+            hyper = (float(group["lr"]), float(group["weight_decay"]), *(float(b) for b in group["betas"]),
+                     float(group["eps"]))
+            for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise ValueError("FusedAdamW does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                step_ts.append(state["step"])
-                lrs.append(lr)
-                wds.append(float(group["weight_decay"]))
-                b1s.append(beta1)
-                b2s.append(beta2)
-                epss.append(float(group["eps"]))
-        if not params:
+                state = self.state.get(p, {})
+                _check_one(p, p.grad, f"param {pi} of group {gi}", state.get("exp_avg"), state.get("exp_avg_sq"))
+                todo.append((p, hyper))
+        if not todo:
             return loss
-        torch._foreach_add_(step_ts, 1.0)
+        params, grads, ms, vs, step_ts, hypers = [], [], [], [], [], []
+        for p, hyper in todo:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            ms.append(state["exp_avg"])
+            vs.append(state["exp_avg_sq"])
+            step_ts.append(state["step"])
+            hypers.append(hyper)
+        torch._foreach_add_(step_ts, 1.0)  # CPU tensors: no device work
         steps = [float(s) for s in step_ts]
+        lrs, wds, b1s, b2s, epss = (list(col) for col in zip(*hypers))
         adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps)
         return loss
 
@@ -344,11 +476,11 @@ def adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decay
 # --------------------------------------------------------------------------------------------
 @register_builds
 def _builds() -> list[Build]:
-    sig = {"table_ptr": "*i64", "blocks_ptr": "*i64", "base_ptr": "*fp32", "grad_base_ptr": "*fp32",
-           "ALIGNED": "constexpr", "BLOCK": "constexpr"}
+    sig = {"table_ptr": "*i64", "goffs_ptr": "*i64", "blocks_ptr": "*i64", "hyper_ptr": "*fp64", "base_ptr": "*fp32",
+           "grad_base_ptr": "*fp32", "step_delta": "i32", "ALIGNED": "constexpr", "BLOCK": "constexpr"}
     # every pointer argument is a torch allocation: 16-byte aligned (the launcher only passes
     # aligned bases with ALIGNED=True)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
     out = []
     for gdt in ("fp32", "bf16"):
         for aligned in (True, False):

@@ -31,8 +31,14 @@ autocast); otherwise in the promoted dtype of x and weight. The custom op itself
 disabled and gets the compute dtype as an argument. Statistics (max, sum-exp, lse, loss) are fp32;
 the gradient written in place is rounded once to the compute dtype (as PyTorch's own bf16 logits
 gradient is); dweight accumulates in fp32 and is returned in weight's dtype, dx in x's dtype. The
-loss is always fp32. A target outside [0, V) that is not ignore_index gives a NaN loss (never an
-out-of-bounds read).
+loss is always fp32.
+
+Targets outside [0, V) that are not ignore_index: on CPU tensors (the interpreter) the op raises a
+ValueError naming the first such target and its position; the check reads the targets on the host,
+which costs nothing there. On CUDA that read would be a device -> host sync every step, so it is
+opt-in: `linear_cross_entropy(..., check_targets=True)` raises the same error; and with Triton's debug
+mode on (TRITON_DEBUG=1) the kernel's `tl.device_assert` stops at the first bad row. Without either,
+such a row's loss is NaN (never an out-of-bounds read), so the mean loss is NaN too.
 """
 from __future__ import annotations
 
@@ -89,6 +95,7 @@ def _ce_loss_grad_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, scale_pt
 
     valid = target != ignore_index
     in_range = (target >= 0) & (target < n_cols)
+    tl.device_assert(in_range | ~valid, "linear_cross_entropy: a target is outside [0, V) and not ignore_index")
     x_t = tl.load(base + tl.where(in_range, target, 0)).to(tl.float32)
     loss = tl.where(valid, tl.where(in_range, lse - x_t, float("nan")), 0.0)
     tl.store(loss_ptr + row, loss)
@@ -194,20 +201,33 @@ def _forward(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_r
 # --------------------------------------------------------------------------------------------
 # Custom op
 # --------------------------------------------------------------------------------------------
+def _check_targets(targets: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """ValueError for the first target outside [0, n_classes) that is not ignore_index (a host read)."""
+    bad = ((targets < 0) | (targets >= n_classes)) & (targets != ignore_index)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"linear_cross_entropy: target {int(targets[i])} at position {i} is outside "
+                         f"[0, {n_classes}) and is not ignore_index ({ignore_index})")
+
+
 @torch.library.custom_op("fastgpt::linear_cross_entropy", mutates_args=())
 @on_tensor_device
 def linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                             reduction: str, compute_dtype: torch.dtype, chunk_rows: int, need_dx: bool,
-                            need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss fp32 0-d, d loss/dx or empty, d loss/d weight or empty)."""
+                            need_dw: bool, check_targets: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss fp32 0-d, d loss/dx or empty, d loss/d weight or empty). Targets are checked on the CPU,
+    and on CUDA when `check_targets` (a sync)."""
     if not can_launch(x, weight, targets):
         raise RuntimeError(f"linear_cross_entropy cannot launch its Triton kernel: {why_not(x, weight, targets)}")
+    if check_targets or targets.device.type == "cpu":
+        _check_targets(targets, weight.shape[0], ignore_index)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _forward(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_rows, need_dx, need_dw)
 
 
 @linear_cross_entropy_op.register_fake
-def _(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_rows, need_dx, need_dw):
+def _(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_rows, need_dx, need_dw, check_targets=False):
     loss = x.new_empty((), dtype=torch.float32)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else weight.new_empty(0)
@@ -226,7 +246,7 @@ def _backward(ctx, grad_loss, _grad_dx, _grad_dw):
     need_dx, need_dw = ctx.need
     gx = dx * grad_loss.to(dx.dtype) if need_dx else None
     gw = dw * grad_loss.to(dw.dtype) if need_dw else None
-    return gx, gw, None, None, None, None, None, None, None
+    return gx, gw, None, None, None, None, None, None, None, None
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -236,10 +256,13 @@ linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_contex
 # Public function and reference
 # --------------------------------------------------------------------------------------------
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
-                         reduction: str = "mean", chunk_rows: int | None = None) -> torch.Tensor:
+                         reduction: str = "mean", chunk_rows: int | None = None,
+                         check_targets: bool = False) -> torch.Tensor:
     """F.cross_entropy(x @ weight.T, targets) for x (N, C), weight (V, C), targets (N,); fp32 loss.
 
-    `chunk_rows` overrides the automatic chunk size (rows of x per logits chunk).
+    `chunk_rows` overrides the automatic chunk size (rows of x per logits chunk). Targets outside
+    [0, V) other than ignore_index raise a ValueError on CPU tensors always, on CUDA only with
+    `check_targets=True` (one device -> host sync) or TRITON_DEBUG=1 (a device assert); see the module doc.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -256,7 +279,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     need_dx = grad and x.requires_grad
     need_dw = grad and weight.requires_grad
     loss, _, _ = linear_cross_entropy_op(x, weight, targets, int(ignore_index), reduction, compute_dtype,
-                                         int(chunk_rows or 0), need_dx, need_dw)
+                                         int(chunk_rows or 0), need_dx, need_dw, bool(check_targets))
     return loss
 
 

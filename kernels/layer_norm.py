@@ -10,23 +10,40 @@ Forward (`_layer_norm_fwd_kernel`): each program normalises a tile of ROWS x BLO
 program at GPT-2 widths so the weight and bias loads and the launch overhead are shared, 16 elements
 per thread so every load is 128 bits wide; see `_row_config`). Statistics are fp32:
 mean = sum(x)/N, var = sum((x-mean)^2)/N (two passes over registers, no catastrophic cancellation),
-rstd = rsqrt(var + eps). Output
-y = (x - mean) * rstd * w + b is written in x's dtype; the weight may be fp32 or x's dtype (autocast
-hands us fp32 weights with bf16 activations).
+rstd = rsqrt(var + eps). Output y = (x - mean) * rstd * w + b; weight and bias are optional (no
+affine parameters: y = xhat, as nn.LayerNorm(elementwise_affine=False)) and may be fp32 or x's dtype
+(autocast hands us fp32 weights).
+
+Output dtype: the one its consumer wants. Outside autocast y is in x's dtype. Under autocast
+(`torch.autocast`, CUDA or CPU) y is written directly in the autocast dtype: the residual stream is
+fp32 and every LayerNorm output feeds a matmul that autocast would cast to bf16 anyway, so the kernel
+stores 2 bytes an element instead of 4 and no separate cast kernel reads them back (fp32 in, bf16 out:
+6 bytes an element instead of 4 + 4 + 2). The statistics stay fp32. The custom op takes the dtype as an
+argument (`out_dtype`), so fake tensors and torch.compile see it.
 
 Saved for backward: the input x (as autograd saves it for F.layer_norm too), and per row the fp32
 mean and rstd (8 bytes a row). xhat is recomputed in the backward instead of stored.
 
 Backward, two launches, deterministic:
 1. `_layer_norm_bwd_kernel`: G programs, each owns a contiguous range of rows and walks it ROWS at a
-   time (the same tile shape as the forward). Per row, with xhat = (x - mean) * rstd and g = dy * w,
+   time (one row of >= 1024 elements a step, 16 bytes of x per thread, see `_bwd_config`). Per row, with
+   xhat = (x - mean) * rstd and g = dy * w,
        dx = rstd * (g - xhat * mean(g * xhat) - mean(g))
    and it accumulates dy * xhat and dy into fp32 registers; at the end it writes its partial sums
-   as row `pid` of two (G, N) fp32 buffers. G is 2 programs per SM, so the partial buffers are
-   small (G * N * 8 bytes, ~3.4 MB at N=1600 on 132 SMs) next to the activations the kernel streams,
-   and x and dy are read once (PyTorch's CUDA backward reads them again for dweight/dbias).
+   as row `pid` of two (G, N) fp32 buffers. The loop is software-pipelined by hand: the loads of the
+   next tile (x, dy, mean, rstd) are issued before this tile's two row reductions, so they are in
+   flight while the warps reduce and store. dy may have another dtype than x (bf16 gradients of an
+   fp32 input under autocast); dx is in x's dtype.
+   G = (blocks of this kernel that fit on one SM) x SMs, so all programs run in one wave. The blocks
+   per SM come from the compiled kernel itself (its register count, warps and shared memory, read from
+   the CompiledKernel Triton returns; see `blocks_per_sm`), not from an assumption: a build that needs
+   more registers gets fewer programs instead of a serial second wave. The small tile keeps the kernel
+   far under the 2-blocks-per-SM register edge (48-80 registers at GPT-2 widths, see the compile report).
+   The partial buffers are small (G * N * 8 bytes, ~3.4 MB at N=1600 with 2 blocks on 132 SMs) next to
+   the activations the kernel streams, and x and dy are read once (PyTorch's CUDA backward reads them
+   again for dweight/dbias).
 2. `_layer_norm_dwdb_kernel`: column blocks of the (G, N) partials summed over G in a fixed order.
-   Same inputs -> bitwise-same dweight and dbias (no atomics).
+   Same inputs -> bitwise-same dweight and dbias (no atomics). Not launched without affine parameters.
 dweight/dbias come out in fp32 and are cast to the parameter dtype (a no-op for fp32 parameters).
 
 Limits: N <= 8192; stride(-1) == 1 (otherwise one copy); CUDA tensors, or CPU tensors under
@@ -61,10 +78,10 @@ MAX_N = 8192  # at 16384 the backward spills (x, dy and two accumulators of 32 f
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _layer_norm_fwd_kernel(
-    X, W, B, Y, Mean, Rstd,  # X, Y: (M, N) rows; W, B: (N,); Mean, Rstd: (M,) fp32
+    X, W, B, Y, Mean, Rstd,  # X, Y: (M, N) rows (Y in the output dtype); W, B: (N,); Mean, Rstd: (M,) fp32
     stride_x, stride_y,  # row strides in elements (column stride is 1)
     M, N, eps,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
@@ -80,8 +97,10 @@ def _layer_norm_fwd_kernel(
     var = tl.sum(xc * xc, axis=1) / N
     rstd = tl.rsqrt(var + eps)
 
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w[None, :]
+    y = xc * rstd[:, None]
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = y * w[None, :]
     if HAS_BIAS:
         b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
         y += b[None, :]
@@ -90,49 +109,80 @@ def _layer_norm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_prog"])  # the grid-sizing warmup compiles the launched variant
 def _layer_norm_bwd_kernel(
-    DY, X, W, Mean, Rstd, DX, PartW, PartB,  # DY, X, DX: (M, N); PartW, PartB: (G, N) fp32
+    DY, X, W, Mean, Rstd, DX, PartW, PartB,  # DY, X, DX: (M, N) (DY may differ in dtype); PartW, PartB: (G, N) fp32
     stride_dy, stride_x, stride_dx,
     M, N, rows_per_prog,  # program pid owns rows [pid * rows_per_prog, (pid + 1) * rows_per_prog)
-    BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc_w = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # sum over rows of dy * xhat
     acc_b = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # sum over rows of dy
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
-    for r0 in range(row_start, row_end, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+
+    # First tile's loads; every iteration then issues the next tile's before it reduces this one.
+    rows = row_start + tl.arange(0, ROWS)
+    row_ok = rows < row_end
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    for _ in range(row_start, row_end, ROWS):
+        n_rows = rows + ROWS
+        n_row_ok = n_rows < row_end
+        n_mask = n_row_ok[:, None] & col_ok[None, :]
+        n_rows64 = n_rows.to(tl.int64)
+        if PREFETCH:
+            # The next tile's loads (masked off past row_end), in flight during the reductions below.
+            n_x = tl.load(X + n_rows64[:, None] * stride_x + cols[None, :], mask=n_mask, other=0.0)
+            n_dy = tl.load(DY + n_rows64[:, None] * stride_dy + cols[None, :], mask=n_mask, other=0.0)
+            n_mean = tl.load(Mean + n_rows, mask=n_row_ok, other=0.0)
+            n_rstd = tl.load(Rstd + n_rows, mask=n_row_ok, other=0.0)
+
         # Masked lanes: x = dy = 0 there, and the where() keeps xhat (and so every sum) clean.
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * w[None, :]
+        dyf = dy.to(tl.float32)
+        xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_WEIGHT:
+            g = dyf * w[None, :]
+        else:
+            g = dyf
         c1 = tl.sum(g * xhat, axis=1) / N  # (ROWS,)
         c2 = tl.sum(g, axis=1) / N
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], store_cast(dx, DX.dtype.element_ty), mask=mask)
-        acc_w += dy * xhat
-        acc_b += dy
+        if HAS_WEIGHT:
+            acc_w += dyf * xhat
+        if HAS_BIAS:
+            acc_b += dyf
+
+        if not PREFETCH:  # rows too wide for two tiles in registers: load after the reduction
+            n_x = tl.load(X + n_rows64[:, None] * stride_x + cols[None, :], mask=n_mask, other=0.0)
+            n_dy = tl.load(DY + n_rows64[:, None] * stride_dy + cols[None, :], mask=n_mask, other=0.0)
+            n_mean = tl.load(Mean + n_rows, mask=n_row_ok, other=0.0)
+            n_rstd = tl.load(Rstd + n_rows, mask=n_row_ok, other=0.0)
+        rows, row_ok, mask, rows64 = n_rows, n_row_ok, n_mask, n_rows64
+        x, dy, mean, rstd = n_x, n_dy, n_mean, n_rstd
     part = pid.to(tl.int64) * N + cols
-    tl.store(PartW + part, tl.sum(acc_w, axis=0), mask=col_ok)
-    tl.store(PartB + part, tl.sum(acc_b, axis=0), mask=col_ok)
+    if HAS_WEIGHT:
+        tl.store(PartW + part, tl.sum(acc_w, axis=0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(PartB + part, tl.sum(acc_b, axis=0), mask=col_ok)
 
 
 @triton.jit
 def _layer_norm_dwdb_kernel(
     PartW, PartB, DW, DB,  # PartW, PartB: (G, N) fp32; DW, DB: (N,) fp32
     G, N,
-    HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -144,10 +194,12 @@ def _layer_norm_dwdb_kernel(
         g = g0 + tl.arange(0, BLOCK_G)
         mask = (g < G)[:, None] & col_ok[None, :]
         offs = g.to(tl.int64)[:, None] * N + cols[None, :]
-        acc_w += tl.load(PartW + offs, mask=mask, other=0.0)
+        if HAS_WEIGHT:
+            acc_w += tl.load(PartW + offs, mask=mask, other=0.0)
         if HAS_BIAS:
             acc_b += tl.load(PartB + offs, mask=mask, other=0.0)
-    tl.store(DW + cols, tl.sum(acc_w, axis=0), mask=col_ok)
+    if HAS_WEIGHT:
+        tl.store(DW + cols, tl.sum(acc_w, axis=0), mask=col_ok)
     if HAS_BIAS:
         tl.store(DB + cols, tl.sum(acc_b, axis=0), mask=col_ok)
 
@@ -156,13 +208,10 @@ def _layer_norm_dwdb_kernel(
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 def _row_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) of a ROWS x BLOCK_N tile, for the forward (one tile a program) and
-    the backward (one tile an iteration of its row loop): ~4096 elements, 16 per thread, so each
-    thread issues two (bf16) or four (fp32) 128-bit loads per tensor before the row reductions.
-    GPT-2 widths: 768/1024 -> 4 rows x 1024, 1280/1600 -> 2 rows x 2048, all 8 warps; 4096 -> 1 x 4096
-    with 8 warps, 8192 -> 1 x 8192 with 16. The backward holds x, dy and two accumulators per element
-    and lands at <= 128 registers (two 8-warp programs per SM, see _num_groups); the compile report
-    checks it does not spill."""
+    """(BLOCK_N, ROWS, num_warps) of the forward's ROWS x BLOCK_N tile, one tile a program: ~4096
+    elements, 16 per thread, so each thread issues two (bf16) or four (fp32) 128-bit loads before the
+    row reductions. GPT-2 widths: 768/1024 -> 4 rows x 1024, 1280/1600 -> 2 rows x 2048, all 8 warps;
+    4096 -> 1 x 4096 with 8 warps, 8192 -> 1 x 8192 with 16."""
     block_n = next_pow2(n)
     if block_n > MAX_N:
         raise ValueError(f"layer_norm supports up to {MAX_N} features per row, got {n}")
@@ -171,21 +220,68 @@ def _row_config(n: int) -> tuple[int, int, int]:
     return block_n, rows, warps
 
 
+def _bwd_config(n: int, x_bytes: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, ROWS, num_warps, PREFETCH) of one iteration of the backward's row loop, for x of
+    `x_bytes` per element: one row of >= 1024 elements (several short rows), 16 bytes of x a thread
+    (4 fp32 or 8 bf16/fp16 elements: 128-bit loads of x). The kernel holds x, dy, the prefetched next
+    x and dy, the weight and two accumulators per element: 48-58 registers with an fp32 x, 72-80 with
+    a bf16 one (the compile report). At the forward's 16 elements a thread it was 111-128 registers,
+    exactly the 2-blocks-per-SM edge; 8 elements of fp32 x with a bf16 dy needed 105-108 and a
+    shared-memory layout conversion. GPT-2 widths, fp32 x: 768/1024 -> 1 x 1024 with 8 warps,
+    1280/1600 -> 1 x 2048 with 16; bf16 x: half the warps. Rows over 2048 take 4 elements a thread
+    whatever the dtype (8 bf16 needed 102-104 registers at 4096). 8192 -> 16 warps, 16 a thread,
+    without the prefetch (two tiles spill; at 32 warps a block may use only 64 registers a thread and
+    spills too): ~120 registers, one block per SM, which the occupancy-sized grid accounts for."""
+    block_n = next_pow2(n)
+    if block_n > MAX_N:
+        raise ValueError(f"layer_norm supports up to {MAX_N} features per row, got {n}")
+    rows = min(max(1024 // block_n, 1), 16)
+    tile = block_n * rows
+    if tile > 4096:
+        per_thread = tile // 512
+    elif x_bytes == 2 and tile <= 2048:
+        per_thread = 8
+    else:
+        per_thread = 4
+    warps = max(tile // (32 * per_thread), 1)
+    return block_n, rows, warps, per_thread <= 8
+
+
 _DWDB_BLOCK_G, _DWDB_BLOCK_C, _DWDB_WARPS = 32, 64, 4
-_SM_COUNT: dict[int, int] = {}
+_INTERPRETER_GROUPS = 8  # the interpreter runs programs one after another; > 1 exercises the partial sums
+_SM_PROPS: dict[int, tuple[int, int, int, int]] = {}
+_BWD_BLOCKS_PER_SM: dict[tuple, int] = {}
 
 
-def _num_groups(blocks: int, device: torch.device) -> int:
-    """How many programs share the backward: 2 per SM on a GPU, so that they all run in one wave (an
-    8-warp program of <= 128 registers a thread fits twice in an SM's 64K registers: no tail wave of
-    stragglers); 8 under the interpreter (it runs programs one after the other; more than one still
-    exercises the partial-sum reduction)."""
-    if device.type != "cuda":
-        return max(1, min(blocks, 8))
+def blocks_per_sm(n_regs: int, num_warps: int, shared_bytes: int, regs_per_sm: int = 65536,
+                  threads_per_sm: int = 2048, shared_per_sm: int = 228 * 1024, max_blocks: int = 32) -> int:
+    """How many blocks of a compiled kernel fit on one SM at once (CUDA's occupancy rule for sm_80 /
+    sm_90: registers are allocated per warp in units of 256, i.e. per thread rounded up to 8; shared
+    memory per block; threads per SM). At least 1: a kernel that launched at all fits once."""
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = (regs_per_sm // regs_per_warp) // num_warps
+    by_threads = threads_per_sm // (num_warps * 32)
+    by_shared = shared_per_sm // shared_bytes if shared_bytes > 0 else max_blocks
+    return max(1, min(by_regs, by_threads, by_shared, max_blocks))
+
+
+def _sm_props(device: torch.device) -> tuple[int, int, int, int]:
+    """(SMs, registers per SM, threads per SM, shared bytes per SM) of a CUDA device."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return max(1, min(blocks, 2 * _SM_COUNT[idx]))
+    if idx not in _SM_PROPS:
+        p = torch.cuda.get_device_properties(idx)
+        _SM_PROPS[idx] = (p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
+                          getattr(p, "max_threads_per_multi_processor", 2048),
+                          getattr(p, "shared_memory_per_multiprocessor", 228 * 1024))
+    return _SM_PROPS[idx]
+
+
+def _compiled_blocks_per_sm(compiled, device: torch.device) -> int:
+    """blocks_per_sm of a triton CompiledKernel on `device`, from its own metadata."""
+    compiled._init_handles()  # loads the binary: n_regs is known from then on
+    _, regs, threads, shared = _sm_props(device)
+    return blocks_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
+                         regs_per_sm=regs, threads_per_sm=threads, shared_per_sm=shared)
 
 
 def _rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -203,59 +299,86 @@ def _check_launch(*tensors: torch.Tensor) -> None:
         raise RuntimeError(f"layer_norm Triton kernel cannot run: {why_not(*tensors)}")
 
 
-def _fwd_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float):
+def _present(*tensors: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    return [t for t in tensors if t is not None]
+
+
+def _fwd_launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                out_dtype: Optional[torch.dtype] = None):
     n = x.shape[-1]
-    if weight.shape != (n,) or (bias is not None and bias.shape != (n,)):
+    if (weight is not None and weight.shape != (n,)) or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"layer_norm weight/bias must have shape ({n},)")
-    _check_launch(x, weight, *([bias] if bias is not None else []))
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"layer_norm writes fp32, bf16 or fp16, not {out_dtype}")
+    _check_launch(x, *_present(weight, bias))
     x2 = _rows_view(x, n)
     m = x2.shape[0]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if m == 0:
         return y, mean, rstd
     block_n, rows, warps = _row_config(n)
-    w = weight.contiguous()
+    w = weight.contiguous() if weight is not None else mean  # unused pointer when HAS_WEIGHT is False
     b = bias.contiguous() if bias is not None else w  # unused pointer when HAS_BIAS is False
     count_launch("layer_norm_fwd")
     _layer_norm_fwd_kernel[(triton.cdiv(m, rows),)](
         x2, w, b, y, mean, rstd, x2.stride(0), n, m, n, eps,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, ROWS=rows, num_warps=warps, num_stages=1,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n, ROWS=rows,
+        num_warps=warps, num_stages=1,
     )
     return y, mean, rstd
 
 
-def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
                 rstd: torch.Tensor, has_bias: bool):
     n = x.shape[-1]
-    _check_launch(dy, x, weight)
+    if dy.shape != x.shape:
+        raise ValueError(f"layer_norm backward: grad shape {tuple(dy.shape)} != input shape {tuple(x.shape)}")
+    _check_launch(dy, x, *_present(weight))
     x2 = _rows_view(x, n)
     dy2 = _rows_view(dy, n)
     m = x2.shape[0]
+    has_weight = weight is not None
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.zeros(n, dtype=torch.float32, device=x.device)
     db = torch.zeros(n, dtype=torch.float32, device=x.device)
     if m == 0:
         return dx, dw, db
-    block_n, rows, warps = _row_config(n)
+    block_n, rows, warps, prefetch = _bwd_config(n, x.element_size())
     blocks = triton.cdiv(m, rows)
-    groups = _num_groups(blocks, x.device)
+    w = weight.contiguous() if has_weight else rstd  # unused pointer when HAS_WEIGHT is False
+    const = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_N=block_n, ROWS=rows, PREFETCH=prefetch,
+                 num_warps=warps, num_stages=1)
+
+    def args(groups, rows_per_prog, part_w, part_b):
+        return (dy2, x2, w, mean.reshape(-1), rstd.reshape(-1), dx, part_w, part_b,
+                dy2.stride(0), x2.stride(0), n, m, n, rows_per_prog)
+
+    if x.device.type == "cuda":
+        # One wave: as many programs as the compiled kernel fits on every SM at once.
+        key = (x.device, dy.dtype, x.dtype, w.dtype, has_weight, has_bias, block_n, rows, warps)
+        per_sm = _BWD_BLOCKS_PER_SM.get(key)
+        if per_sm is None:
+            compiled = _layer_norm_bwd_kernel.warmup(*args(1, m, dw, db), grid=(1,), **const)
+            per_sm = _BWD_BLOCKS_PER_SM[key] = _compiled_blocks_per_sm(compiled, x.device)
+        groups = min(blocks, per_sm * _sm_props(x.device)[0])
+    else:
+        groups = min(blocks, _INTERPRETER_GROUPS)
     rows_per_prog = triton.cdiv(blocks, groups) * rows
     groups = triton.cdiv(m, rows_per_prog)  # no empty programs
-    part_w = torch.empty((groups, n), dtype=torch.float32, device=x.device)
-    part_b = torch.empty((groups, n), dtype=torch.float32, device=x.device)
+    part_w = torch.empty((groups if has_weight else 1, n), dtype=torch.float32, device=x.device)
+    part_b = torch.empty((groups if has_bias else 1, n), dtype=torch.float32, device=x.device)
     count_launch("layer_norm_bwd")
-    _layer_norm_bwd_kernel[(groups,)](
-        dy2, x2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), dx, part_w, part_b,
-        dy2.stride(0), x2.stride(0), n, m, n, rows_per_prog,
-        BLOCK_N=block_n, ROWS=rows, num_warps=warps, num_stages=1,
-    )
-    count_launch("layer_norm_dwdb")
-    _layer_norm_dwdb_kernel[(triton.cdiv(n, _DWDB_BLOCK_C),)](
-        part_w, part_b, dw, db, groups, n,
-        HAS_BIAS=has_bias, BLOCK_G=_DWDB_BLOCK_G, BLOCK_C=_DWDB_BLOCK_C, num_warps=_DWDB_WARPS, num_stages=1,
-    )
+    _layer_norm_bwd_kernel[(groups,)](*args(groups, rows_per_prog, part_w, part_b), **const)
+    if has_weight or has_bias:
+        count_launch("layer_norm_dwdb")
+        _layer_norm_dwdb_kernel[(triton.cdiv(n, _DWDB_BLOCK_C),)](
+            part_w, part_b, dw, db, groups, n,
+            HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_G=_DWDB_BLOCK_G, BLOCK_C=_DWDB_BLOCK_C,
+            num_warps=_DWDB_WARPS, num_stages=1,
+        )
     return dx, dw, db
 
 
@@ -264,24 +387,25 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: t
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastgpt::layer_norm_fwd", mutates_args=())
 @on_tensor_device
-def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y in x's dtype and shape, mean and rstd fp32 of shape x.shape[:-1])."""
-    return _fwd_launch(x, weight, bias, eps)
+def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y of x's shape in out_dtype (default x's dtype), mean and rstd fp32 of shape x.shape[:-1])."""
+    return _fwd_launch(x, weight, bias, eps, out_dtype)
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, out_dtype=None):
     stats = x.shape[:-1]
-    return (x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32),
-            x.new_empty(stats, dtype=torch.float32))
+    return (x.new_empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype),
+            x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32))
 
 
 @torch.library.custom_op("fastgpt::layer_norm_bwd", mutates_args=())
 @on_tensor_device
-def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
                    rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx in x's dtype, dweight fp32 (N,), dbias fp32 (N,); dbias is zeros when has_bias is False)."""
+    """(dx in x's dtype, dweight fp32 (N,), dbias fp32 (N,)); dweight / dbias are zeros without a
+    weight / bias. dy may be in another dtype than x (the forward's out_dtype)."""
     return _bwd_launch(dy, x, weight, mean, rstd, has_bias)
 
 
@@ -293,7 +417,7 @@ def _(dy, x, weight, mean, rstd, has_bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _eps = inputs
+    x, weight, bias, _eps, _out_dtype = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
@@ -303,8 +427,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = torch.ops.fastgpt.layer_norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias)
+    dw = dw.to(weight.dtype) if weight is not None else None
     db = db.to(ctx.bias_dtype) if ctx.has_bias else None
-    return dx, dw.to(weight.dtype), db, None
+    return dx, dw, db, None, None
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -313,27 +438,45 @@ layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # Public function and reference
 # --------------------------------------------------------------------------------------------
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype LayerNorm hands its consumer: the autocast dtype when autocast is on for x's device
+    (the consumer is a matmul that would cast to it anyway), x's dtype otherwise."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dimension, == F.layer_norm(x, (N,), weight, bias, eps), in x's dtype."""
-    y, _mean, _rstd = torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, float(eps))
+    """LayerNorm over the last dimension, == F.layer_norm(x, (N,), weight, bias, eps); weight and bias may
+    be None (no affine parameters). Output in x's dtype, or in the autocast dtype under autocast (one
+    kernel writes it, no separate cast)."""
+    out_dtype = output_dtype(x)
+    y, _mean, _rstd = torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, float(eps),
+                                                       None if out_dtype == x.dtype else out_dtype)
     return y
 
 
-def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def layer_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          eps: float = 1e-5) -> torch.Tensor:
-    """PyTorch LayerNorm with the kernel's dtype rule: output in x's dtype whatever weight's dtype."""
-    w = weight.to(x.dtype)
-    b = bias.to(x.dtype) if bias is not None else None
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    """PyTorch LayerNorm with the kernel's dtype rule: computed in x's dtype whatever weight's dtype,
+    output in `output_dtype(x)` (the autocast dtype under autocast)."""
+    out_dtype = output_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        w = weight.to(x.dtype) if weight is not None else None
+        b = bias.to(x.dtype) if bias is not None else None
+        return F.layer_norm(x, (x.shape[-1],), w, b, eps).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
-# Builds for the compile report: GPT-2 widths, the dtype pairs training uses
+# Builds for the compile report: GPT-2 widths, the dtypes training uses
 # --------------------------------------------------------------------------------------------
 _WIDTHS = (768, 1024, 1280, 1600, MAX_N)  # GPT-2's four widths, and the widest row we accept
-# (x dtype, weight dtype): fp32 throughout, bf16 under autocast (fp32 weights), pure bf16.
-_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16))
+# (x dtype, weight dtype, output dtype = backward's dy dtype): fp32 throughout; bf16 autocast on the
+# fp32 residual stream (fp32 in, bf16 out: the model's LayerNorms); bf16 activations with fp32 weights;
+# pure bf16.
+_DTYPES = ((torch.float32, torch.float32, torch.float32), (torch.float32, torch.float32, torch.bfloat16),
+           (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16, torch.bfloat16))
 _ALIGNED = [["tt.divisibility", 16]]  # what the JIT infers for 16-byte aligned pointers / ints % 16 == 0
 
 
@@ -345,41 +488,49 @@ def _aligned(*names: str) -> dict:
 def _builds() -> list[Build]:
     out: list[Build] = []
     for n in _WIDTHS:
-        for xd, wd in _DTYPES if n != MAX_N else _DTYPES[:2]:
-            xt, wt = TORCH_TO_TRITON[xd], TORCH_TO_TRITON[wd]
-            # Bias-less LayerNorm (GPTConfig(bias=False)) only changes a constexpr: built at 768.
-            for has_bias in ((True, False) if n == 768 and xd == wd == torch.float32 else (True,)):
+        for xd, wd, yd in _DTYPES if n != MAX_N else _DTYPES[:3]:
+            xt, wt, yt = TORCH_TO_TRITON[xd], TORCH_TO_TRITON[wd], TORCH_TO_TRITON[yd]
+            # Bias-less (GPTConfig(bias=False)) and affine-free LayerNorm only change constexprs: built at 768.
+            variants = [(True, True)]
+            if n == 768 and xd == wd == yd == torch.float32:
+                variants += [(True, False), (False, False)]
+            for has_weight, has_bias in variants:
+                label = f"x={xt} w={wt} y={yt} N={n}" + ("" if has_bias else " no-bias") + \
+                        ("" if has_weight else " no-affine")
                 block_n, rows, warps = _row_config(n)
                 out.append(Build(
                     kernel="layer_norm_fwd", fn=_layer_norm_fwd_kernel,
-                    signature={"X": f"*{xt}", "W": f"*{wt}", "B": f"*{wt}", "Y": f"*{xt}", "Mean": "*fp32",
+                    signature={"X": f"*{xt}", "W": f"*{wt}", "B": f"*{wt}", "Y": f"*{yt}", "Mean": "*fp32",
                                "Rstd": "*fp32", "stride_x": "i32", "stride_y": "i32", "M": "i32", "N": "i32",
-                               "eps": "fp32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "ROWS": "constexpr"},
-                    constexprs={"HAS_BIAS": has_bias, "BLOCK_N": block_n, "ROWS": rows},
-                    num_warps=warps, num_stages=1,
-                    config=f"x={xt} w={wt} N={n} ROWS={rows} BLOCK_N={block_n} w{warps}"
-                           + ("" if has_bias else " no-bias"),
+                               "eps": "fp32", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
+                               "BLOCK_N": "constexpr", "ROWS": "constexpr"},
+                    constexprs={"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "BLOCK_N": block_n, "ROWS": rows},
+                    num_warps=warps, num_stages=1, config=f"{label} ROWS={rows} BLOCK_N={block_n} w{warps}",
                     attrs=_aligned("X", "W", "B", "Y", "Mean", "Rstd", "stride_x", "stride_y", "N"),
                 ))
-            block_n, rows, warps = _row_config(n)
-            out.append(Build(
-                kernel="layer_norm_bwd", fn=_layer_norm_bwd_kernel,
-                signature={"DY": f"*{xt}", "X": f"*{xt}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",
-                           "DX": f"*{xt}", "PartW": "*fp32", "PartB": "*fp32", "stride_dy": "i32",
-                           "stride_x": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
-                           "rows_per_prog": "i32", "BLOCK_N": "constexpr", "ROWS": "constexpr"},
-                constexprs={"BLOCK_N": block_n, "ROWS": rows},
-                num_warps=warps, num_stages=1,
-                config=f"x={xt} w={wt} N={n} ROWS={rows} BLOCK_N={block_n} w{warps}",
-                attrs=_aligned("DY", "X", "W", "Mean", "Rstd", "DX", "PartW", "PartB",
-                               "stride_dy", "stride_x", "stride_dx", "N"),
-            ))
-    for has_bias in (True, False):
+                block_n, rows, warps, prefetch = _bwd_config(n, xd.itemsize)
+                out.append(Build(
+                    kernel="layer_norm_bwd", fn=_layer_norm_bwd_kernel,
+                    signature={"DY": f"*{yt}", "X": f"*{xt}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",
+                               "DX": f"*{xt}", "PartW": "*fp32", "PartB": "*fp32", "stride_dy": "i32",
+                               "stride_x": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
+                               "rows_per_prog": "i32", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
+                               "BLOCK_N": "constexpr", "ROWS": "constexpr", "PREFETCH": "constexpr"},
+                    constexprs={"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "BLOCK_N": block_n, "ROWS": rows,
+                                "PREFETCH": prefetch},
+                    num_warps=warps, num_stages=1,
+                    config=f"{label} ROWS={rows} BLOCK_N={block_n} w{warps}" + ("" if prefetch else " no-prefetch"),
+                    attrs=_aligned("DY", "X", "W", "Mean", "Rstd", "DX", "PartW", "PartB",
+                                   "stride_dy", "stride_x", "stride_dx", "N"),
+                ))
+    for has_weight, has_bias in ((True, True), (True, False)):
         out.append(Build(
             kernel="layer_norm_dwdb", fn=_layer_norm_dwdb_kernel,
             signature={"PartW": "*fp32", "PartB": "*fp32", "DW": "*fp32", "DB": "*fp32", "G": "i32", "N": "i32",
-                       "HAS_BIAS": "constexpr", "BLOCK_G": "constexpr", "BLOCK_C": "constexpr"},
-            constexprs={"HAS_BIAS": has_bias, "BLOCK_G": _DWDB_BLOCK_G, "BLOCK_C": _DWDB_BLOCK_C},
+                       "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_G": "constexpr",
+                       "BLOCK_C": "constexpr"},
+            constexprs={"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "BLOCK_G": _DWDB_BLOCK_G,
+                        "BLOCK_C": _DWDB_BLOCK_C},
             num_warps=_DWDB_WARPS, num_stages=1,
             config=f"fp32 BLOCK_G={_DWDB_BLOCK_G} BLOCK_C={_DWDB_BLOCK_C} w{_DWDB_WARPS} (any N % 16 == 0)"
                    + ("" if has_bias else " no-bias"),

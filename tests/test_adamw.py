@@ -189,3 +189,159 @@ def test_make_optimizer_routes_to_fused(mode, kernel_device):
     assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["lr"] == 6e-4
     torch_opt = ops.make_optimizer(_groups(list(model.parameters())), lr=1e-3, device_type="cpu", mode="torch")
     assert type(torch_opt) is torch.optim.AdamW
+
+
+# ------------------------------------------------------------------------------------------------
+# Device-resident tables: no host -> device copy per step (issue 11)
+# ------------------------------------------------------------------------------------------------
+def test_step_reuses_its_device_tables(kernel_device, monkeypatch):
+    """After the first step the pointer and hyperparameter tables stay the same tensors (the LR schedule
+    writes its cells in place), no tensor is created from host data or copied, and the trajectory
+    still matches torch.optim.AdamW."""
+    from kernels import adamw as adamw_mod
+
+    base = _model_params(kernel_device)
+    ref_p, ref = _make(torch.optim.AdamW, base, lr=3e-3, betas=(0.9, 0.95))
+    our_p, ours = _make(FusedAdamW, base, lr=3e-3, betas=(0.9, 0.95))
+
+    def one_step(step):
+        gen = torch.Generator().manual_seed(step)
+        for a, b in zip(ref_p, our_p):
+            a.grad = torch.randn(a.shape, generator=gen).to(kernel_device)
+            b.grad = a.grad.clone()
+        _set_lr(ref, step)
+        _set_lr(ours, step)
+        ref.step()
+        ours.step()
+
+    one_step(0)
+    builds, moves = adamw_mod._STATS["builds"], adamw_mod._STATS["grad_moves"]
+    plans = list(adamw_mod._PLANS.values())
+    tables = [(id(c.table), c.table._version) for plan in plans for c in plan.classes]
+    hyper_ids = [id(plan.hyper) for plan in plans]
+
+    calls = []
+    real_to, real_copy, real_tensor = torch.Tensor.to, torch.Tensor.copy_, torch.tensor
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    # Grads are written outside the counted region, in place (as backward accumulates into kept grads,
+    # or as the caching allocator hands back the same blocks); only the optimizer steps are counted.
+    for step in range(1, 5):
+        gen = torch.Generator().manual_seed(step)
+        for a, b in zip(ref_p, our_p):
+            a.grad = torch.randn(a.shape, generator=gen).to(kernel_device)
+            b.grad.copy_(a.grad)
+        _set_lr(ref, step)
+        _set_lr(ours, step)
+        ref.step()
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "to", counting("to", real_to))
+            m.setattr(torch.Tensor, "copy_", counting("copy_", real_copy))
+            m.setattr(torch, "tensor", counting("tensor", real_tensor))
+            ours.step()
+        assert _max_diff(ref_p, our_p) <= 1e-6, f"step {step}"
+    assert calls == [], calls
+    assert (adamw_mod._STATS["builds"], adamw_mod._STATS["grad_moves"]) == (builds, moves)  # no rebuild
+    plans_now = list(adamw_mod._PLANS.values())
+    assert [(id(c.table), c.table._version) for plan in plans_now for c in plan.classes] == tables
+    assert [id(plan.hyper) for plan in plans_now] == hyper_ids
+
+
+def test_tables_rebuilt_when_the_parameter_set_changes(kernel_device):
+    """A param without a grad this step changes the set: new tables, and the results stay torch's."""
+    from kernels import adamw as adamw_mod
+
+    base = _model_params(kernel_device)[:6]
+    ref_p, ref = _make(torch.optim.AdamW, base, lr=1e-2)
+    our_p, ours = _make(FusedAdamW, base, lr=1e-2)
+    builds = []
+    for step in range(6):
+        _set_grads(step, [ref_p, our_p], skip_every=3)  # odd steps: every third tensor has no grad
+        ref.step()
+        ours.step()
+        builds.append(adamw_mod._STATS["builds"])
+        assert _max_diff(ref_p, our_p) <= 1e-6, f"step {step}"
+    # every change of the set rebuilds (the skipped tensors' step counts lag behind after it)
+    assert builds[1] > builds[0] and builds[2] > builds[1]
+
+
+def test_moved_grads_update_only_their_offsets(kernel_device):
+    """Fresh grads at new addresses (set_to_none, then a new backward): the tables stay, the grad offsets
+    are re-sent, and the update is still torch's."""
+    from kernels import adamw as adamw_mod
+
+    base = _model_params(kernel_device)[:6]
+    ref_p, ref = _make(torch.optim.AdamW, base, lr=1e-2)
+    our_p, ours = _make(FusedAdamW, base, lr=1e-2)
+    def set_grads(step):
+        gen = torch.Generator().manual_seed(step)
+        for a, b in zip(ref_p, our_p):
+            a.grad = torch.randn(a.shape, generator=gen).to(kernel_device)
+            b.grad = a.grad.clone()
+
+    set_grads(0)
+    ref.step()
+    ours.step()
+    builds, moves = adamw_mod._STATS["builds"], adamw_mod._STATS["grad_moves"]
+    keep = [p.grad for p in our_p]  # the old grads stay alive: the new ones land elsewhere
+    for step in range(1, 3):
+        set_grads(step)
+        ref.step()
+        ours.step()
+        assert _max_diff(ref_p, our_p) <= 1e-6
+    assert adamw_mod._STATS["builds"] == builds and adamw_mod._STATS["grad_moves"] > moves
+    del keep
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation as torch.optim.AdamW, before any state changes (issue 15)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("betas", [(0.9, torch.tensor(0.999)), (torch.tensor(0.9), 0.999), (0, 0.99),
+                                   (torch.tensor(0.9), torch.tensor(1.5)), (0.9, 1.0), (-0.1, 0.99)],
+                         ids=["float-tensor", "tensor-float", "int", "tensor-beta2-1.5", "beta2-1", "beta1-neg"])
+def test_betas_refused_as_torch_refuses_them(betas):
+    p = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError) as want:
+        torch.optim.AdamW([p], betas=betas)
+    with pytest.raises(ValueError) as got:
+        FusedAdamW([p], betas=betas)
+    assert str(got.value) == str(want.value)
+
+
+def test_tensor_betas_accepted_as_torch_accepts_them(kernel_device):
+    base = _model_params(kernel_device)[:4]
+    betas = (torch.tensor([0.9]), torch.tensor(0.95))  # 1-element tensors, as torch allows
+    ref_p, ref = _make(torch.optim.AdamW, base, lr=1e-2, betas=betas)
+    our_p, ours = _make(FusedAdamW, base, lr=1e-2, betas=betas)
+    for step in range(2):
+        _set_grads(step, [ref_p, our_p])
+        ref.step()
+        ours.step()
+    assert _max_diff(ref_p, our_p) <= 1e-6
+
+
+@pytest.mark.parametrize("bad", ["fp16", "bf16", "noncontiguous"])
+def test_refused_param_leaves_state_untouched(bad, kernel_device):
+    """A step that refuses a parameter has not created state nor advanced any step count."""
+    good = torch.nn.Parameter(torch.randn(8, 4, device=kernel_device))
+    if bad == "noncontiguous":
+        other = torch.nn.Parameter(torch.randn(4, 8, device=kernel_device).t())
+    else:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[bad]
+        other = torch.nn.Parameter(torch.randn(8, device=kernel_device, dtype=dtype))
+    opt = FusedAdamW([good, other], lr=1e-2)
+    good.grad = torch.randn_like(good)
+    opt.step()  # `other` has no grad yet: skipped
+    assert opt.state[good]["step"].item() == 1.0 and other not in opt.state
+    before = good.detach().clone()
+    other.grad = torch.randn_like(other)
+    with pytest.raises(ValueError, match="param 1 of group 0"):
+        opt.step()
+    assert opt.state[good]["step"].item() == 1.0  # not advanced by the refused step
+    assert other not in opt.state
+    assert torch.equal(good.detach(), before)

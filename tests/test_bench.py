@@ -87,8 +87,10 @@ def test_memory_fastgpt_runs_its_custom_ops(gpt2_b16):
     assert ("h.0", "attn", "float32", (B, H, T)) in saved
     assert ("h.0", "ln_1", "float32", (B, T, C)) in saved
     assert sum(1 for k in saved if k[:3] == ("h.0", "ln_1", "float32") and k[3] == (B, T)) == 2
-    # the fused loss saves dx (N, C) and dweight (V, C) in fp32, and nothing of size N x V
-    assert ("head", "", "float32", (B * T, C)) in saved and ("head", "", "float32", (V, C)) in saved
+    # the fused loss saves dx (N, C) in ln_f's output dtype (bf16: LayerNorm writes the autocast dtype)
+    # and dweight (V, C) in fp32, and nothing of size N x V
+    assert ("head", "", "bfloat16", (B * T, C)) in saved and ("head", "", "float32", (V, C)) in saved
+    assert ("head", "", "float32", (B * T, C)) not in saved
     assert not any(V in shape and B * T in shape for *_, shape in saved)
     assert not any(shape[-1:] == (V,) for *_, shape in saved)
     assert ops.use_triton.__module__ == "fastgpt.ops"  # the switch is undone after the run
@@ -126,7 +128,10 @@ def test_memory_flash_stand_in_matches_sdpa():
 # ------------------------------------------------------------------------------------------------
 def test_roofline_sane():
     ln = roofline.layer_norm_cost(16384, 768, "fwd")
-    assert ln.bytes == pytest.approx(2 * 16384 * 768 * 2, rel=0.01) and ln.flops == 0
+    # the model's LayerNorm under bf16 autocast: fp32 in, bf16 out
+    assert ln.bytes == pytest.approx(16384 * 768 * (4 + 2), rel=0.01) and ln.flops == 0
+    assert roofline.layer_norm_cost(16384, 768, "bwd").bytes == pytest.approx(16384 * 768 * (4 + 2 + 4), rel=0.01)
+    assert roofline.layer_norm_cost(16384, 768, "fwd", 2).bytes == pytest.approx(16384 * 768 * 4, rel=0.01)
     h_bw, h_fl = roofline.GPUS["H100-SXM"]
     assert ln.floor_s(h_bw, h_fl) == pytest.approx(ln.bytes / 3.35e12)
     att = roofline.attention_cost(16, 12, 1024, 64, "fwd")
@@ -142,6 +147,41 @@ def test_roofline_sane():
     assert roofline.gpu_peaks("NVIDIA H100 PCIe")[1] == 756e12
     assert roofline.gpu_peaks("some CPU") is None
     assert roofline.GPT2_PARAMS[768] == GPT2_PARAMS
+
+
+def test_gpu_peaks_most_specific_name_wins():
+    """GH200 is not an H200, an L40 not an L4 (nor the other way round), an A10 not an A100."""
+    known = dict(roofline.KNOWN_GPUS)
+    assert roofline.gpu_peaks("NVIDIA GH200 480GB") == known["GH200"] != known["H200"]
+    assert roofline.gpu_peaks("NVIDIA H200") == known["H200"]
+    assert roofline.gpu_peaks("NVIDIA L4") == known["L4"]
+    assert roofline.gpu_peaks("NVIDIA L40") == known["L40"] != known["L4"]
+    assert roofline.gpu_peaks("NVIDIA L40S") == known["L40S"]
+    assert roofline.gpu_peaks("NVIDIA A10") == known["A10"]
+    assert roofline.gpu_peaks("NVIDIA A100 80GB PCIe") == known["A100 80GB PCIe"]
+    assert roofline.gpu_peaks("NVIDIA H100 NVL") == known["H100 NVL"]
+
+
+def test_one_flop_convention_for_mfu_roofline_and_report():
+    """GPT.estimate_mfu, the roofline's train-step FLOPs (which the bench report's MFU uses) and the
+    report's text all come from fastgpt.model.train_flops_per_token: causal attention, 6N + 6·L·C·T."""
+    from fastgpt import GPT, GPTConfig
+    from fastgpt.model import FLOP_CONVENTION, train_flops_per_token
+
+    model = GPT(GPTConfig.preset("gpt2"))
+    n, n_wpe = model.num_params(), model.transformer.wpe.weight.numel()
+    assert FLOP_CONVENTION == "causal"
+    assert model.flops_per_token(1024) == train_flops_per_token(n - n_wpe, 12, 768, 1024)
+    assert roofline.train_step_flops(n, 12, 768, 1024, 16384, vocab_params=n_wpe) == \
+        16384 * model.flops_per_token(1024)
+    # the attention term is the causal half of the full-attention count (12·L·C·T)
+    assert train_flops_per_token(0, 12, 768, 1024) == 12 * 12 * 768 * 1024 / 2
+    # forward + backward of the causal attention kernel's scores and PV, without the backward's
+    # recomputation of QK^T (2 of its 14 units): the same 6·L·C·T, from the roofline's attention costs
+    att = roofline.attention_cost(16, 12, 1024, 64, "fwd+bwd")
+    assert att.flops * 12 * 6 / 7 == pytest.approx(train_flops_per_token(0, 12, 768, 1024) * 16 * 1024)  # 12 layers
+    rep = report.render_report({"benchmarks": [_bench("train", "train-step gpt2", "fastgpt", 1.0)]})
+    assert "train_flops_per_token (causal attention" in rep
 
 
 def _bench(name, group, impl, median, **extra):

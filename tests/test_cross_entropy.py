@@ -117,6 +117,34 @@ def test_sum_reduction_no_grad_and_all_ignored(kernel_device, expect_launch):
         linear_cross_entropy(x, w, t, reduction="none")
 
 
+@pytest.mark.parametrize("bad", [1000, 5000, -2])
+def test_targets_out_of_range_are_refused_on_cpu(bad, kernel_device):
+    """A target outside [0, V) that is not ignore_index: a clear error (CPU/interpreter: the check reads
+    the targets on the host, which costs nothing there), not a NaN loss."""
+    x, w, t = _inputs(7, 64, 1000, torch.float32, kernel_device, seed=6)
+    t[4] = bad
+    if kernel_device == "cpu":
+        with pytest.raises(ValueError, match=rf"target {bad} at position 4 is outside \[0, 1000\)"):
+            linear_cross_entropy(x, w, t)
+    with pytest.raises(ValueError, match="outside"):  # on CUDA: opt-in (a device -> host sync)
+        linear_cross_entropy(x, w, t, check_targets=True)
+    t[4] = 7
+    t[1::3] = -100  # another ignore_index is fine
+    loss = linear_cross_entropy(x, w, t, ignore_index=-100)
+    ref = F.cross_entropy(x.double() @ w.double().T, t, ignore_index=-100)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_targets_out_of_range_on_cuda_are_opt_in():
+    """On CUDA the default does not sync: a bad target gives a NaN loss; check_targets=True raises."""
+    x, w, t = _inputs(7, 64, 1000, torch.float32, "cuda", seed=6)
+    t[4] = 1000
+    assert torch.isnan(linear_cross_entropy(x, w, t))
+    with pytest.raises(ValueError, match="position 4"):
+        linear_cross_entropy(x, w, t, check_targets=True)
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -40,13 +40,18 @@ def _opcheck_cases(device):
     return [
         ("layer_norm_fwd", (x, w, b, 1e-5)),
         ("layer_norm_fwd", (x, w, None, 1e-5)),
+        ("layer_norm_fwd", (x, w, b, 1e-5, torch.bfloat16)),  # autocast: fp32 in, bf16 out
+        ("layer_norm_fwd", (x, None, None, 1e-5)),  # no affine parameters
         ("layer_norm_bwd", (dy, x.detach(), w.detach(), mean, rstd, True)),
+        ("layer_norm_bwd", (dy.bfloat16(), x.detach(), w.detach(), mean, rstd, True)),
+        ("layer_norm_bwd", (dy, x.detach(), None, mean, rstd, False)),
         ("gelu_fwd", (x,)),
         ("gelu_bwd", (dy, x.detach())),
     ]
 
 
-@pytest.mark.parametrize("case", range(5), ids=["ln_fwd", "ln_fwd_nobias", "ln_bwd", "gelu_fwd", "gelu_bwd"])
+@pytest.mark.parametrize("case", range(9), ids=["ln_fwd", "ln_fwd_nobias", "ln_fwd_bf16_out", "ln_fwd_noaffine",
+                                                "ln_bwd", "ln_bwd_bf16_dy", "ln_bwd_noaffine", "gelu_fwd", "gelu_bwd"])
 def test_opcheck(case, kernel_device):
     """torch.library.opcheck: schema, fake impl vs real outputs, autograd registration, AOT dispatch."""
     name, args = _opcheck_cases(kernel_device)[case]
@@ -180,3 +185,98 @@ def test_attention_refuses_a_grid_cuda_cannot_launch():
     q = torch.empty(1, 65536, 1, 16)  # B*H on the grid's second axis: CUDA allows 65535
     with pytest.raises(ValueError, match="65536 exceeds 65535"):
         kernels.attention(q, q, q)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp16 autocast (GPUs without bf16 train in fp16 + GradScaler): every op of this file's kernels
+# ------------------------------------------------------------------------------------------------
+FP16_AMP = dict(dtype=torch.float16)
+
+
+def _fp16_amp(device):
+    return torch.autocast(device, **FP16_AMP)
+
+
+def test_layer_norm_and_gelu_under_fp16_autocast(kernel_device, expect_launch):
+    """The MLP half as the model runs it under fp16 autocast: fp32 residual -> LayerNorm (fp16 out)
+    -> fp16 matmul -> GELU (fp16 in and out); the Triton ops give the dtypes and (within 2x PyTorch's own
+    fp16 error against fp64) the values and gradients of the PyTorch ops."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 96, generator=g, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(96, generator=g, dtype=torch.float64)
+    b = 0.1 * torch.randn(96, generator=g, dtype=torch.float64)
+    fc = torch.randn(96, 192, generator=g, dtype=torch.float64) * 96 ** -0.5
+
+    def run(mode, dtype, amp):
+        leaves = [t.to(kernel_device, dtype).clone().requires_grad_() for t in (x, w, b, fc)]
+        with (_fp16_amp(kernel_device) if amp else torch.autocast(kernel_device, enabled=False)):
+            h = ops.layer_norm(leaves[0], leaves[1], leaves[2], 1e-5, mode)
+            ln_dtype = h.dtype
+            h = ops.gelu(h @ leaves[3], mode)
+        h.float().square().sum().backward()
+        return ln_dtype, h, [t.grad for t in leaves]
+
+    ref_dtype, ref_h, ref_grads = run("torch", torch.float64, False)
+    torch_dtype, torch_h, torch_grads = run("torch", torch.float32, True)
+    with expect_launch("layer_norm_fwd", "layer_norm_bwd", "gelu_fwd", "gelu_bwd"):
+        ours_dtype, ours_h, ours_grads = run("triton", torch.float32, True)
+    assert ours_dtype == torch_dtype == torch.float16 and ours_h.dtype == torch_h.dtype == torch.float16
+    assert [t.dtype for t in ours_grads] == [torch.float32] * 4
+    for name, o, t, r in zip(("h", "dx", "dw", "db", "dfc"), [ours_h, *ours_grads], [torch_h, *torch_grads],
+                             [ref_h, *ref_grads]):
+        err = (o.double().cpu() - r.cpu()).abs().max().item()
+        torch_err = (t.double().cpu() - r.cpu()).abs().max().item()
+        assert err <= 2 * torch_err + 1e-5 * r.abs().max().item(), f"{name}: {err:.3g} vs torch {torch_err:.3g}"
+
+
+def test_linear_cross_entropy_under_fp16_autocast(kernel_device, expect_launch):
+    """fp32 x and weight under fp16 autocast: fp16 matmuls and logits gradient, fp32 loss and grads, within
+    2x the error of F.cross_entropy(F.linear) under the same autocast (against fp64)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 64, generator=g, dtype=torch.float64)
+    w = torch.randn(500, 64, generator=g, dtype=torch.float64) * 64 ** -0.5 * 2
+    t = torch.randint(0, 500, (9,), generator=g)
+    t[::4] = -1
+
+    def run(mode, dtype, amp):
+        xs, ws = (a.to(kernel_device, dtype).clone().requires_grad_() for a in (x, w))
+        with (_fp16_amp(kernel_device) if amp else torch.autocast(kernel_device, enabled=False)):
+            loss = ops.linear_cross_entropy(xs, ws, t.to(kernel_device), mode)
+        loss.backward()
+        return loss, xs.grad, ws.grad
+
+    ref = run("torch", torch.float64, False)
+    torch_out = run("torch", torch.float32, True)
+    with expect_launch("cross_entropy"):
+        ours = run("triton", torch.float32, True)
+    assert [o.dtype for o in ours] == [torch.float32] * 3
+    for name, o, tt, r in zip(("loss", "dx", "dw"), ours, torch_out, ref):
+        err = (o.double() - r).abs().max().item()
+        torch_err = (tt.double() - r).abs().max().item()
+        assert torch_err > 1e-6, name  # the reference really ran in fp16
+        assert err <= 2 * torch_err + 1e-6, f"{name}: {err:.3g} vs torch {torch_err:.3g}"
+
+
+def test_gpt_under_fp16_autocast_matches_torch_path(kernel_device, expect_launch):
+    """A tiny GPT's loss and gradients under fp16 autocast, kernels='triton' vs kernels='torch'."""
+    cfg = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(**cfg, kernels="torch")).to(kernel_device)
+    tri = GPT(GPTConfig(**cfg, kernels="triton")).to(kernel_device)
+    tri.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 97, (2, 17), device=kernel_device)
+    targets = torch.randint(0, 97, (2, 17), device=kernel_device)
+    with expect_launch("layer_norm_fwd", "layer_norm_bwd", "gelu_fwd", "gelu_bwd", "cross_entropy"):
+        with _fp16_amp(kernel_device):
+            _, loss = tri(idx, targets, return_logits=False)  # the fused loss, as training runs it
+        loss.backward()
+    with _fp16_amp(kernel_device):
+        _, loss_ref = ref(idx, targets, return_logits=False)
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=2e-3, rtol=2e-3)
+    grads = dict(ref.named_parameters())
+    for name, p in tri.named_parameters():
+        gr = grads[name].grad
+        assert p.grad.dtype == gr.dtype == torch.float32
+        torch.testing.assert_close(p.grad, gr, atol=2e-3 * gr.abs().max().item() + 1e-6, rtol=5e-2,
+                                   msg=lambda m: f"{name}: {m}")
