@@ -54,6 +54,7 @@ KEYS = ("kernel", "arch", "config", "group", "registers", "spill_bytes", "shared
 # HMMA.16816.F32.BF16 (mma.sync), HGMMA.64x64x16.F32.BF16 (wgmma), UTCHMMA / UTCQMMA / UTCIMMA /
 # UTCOMMA (tcgen05.mma for fp16-bf16 / fp8 / int8 / mxfp4; no suffix in the SASS of sm_100a).
 _MMA_RE = re.compile(r"\b(HMMA|HGMMA|UTC[A-Z]?MMA)\b")
+_INSPECT_VERSION = b"2"  # bump when what _inspect_cubin counts changes: old cached answers are then ignored
 _VEC_LOAD_RE = re.compile(r"\bLDG(STS)?(\.[A-Z0-9_]+)*\.128\b")
 _RES_RE = re.compile(r"Function\s+(\S+):\s*\n\s*(.*)")
 
@@ -116,9 +117,9 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict[str, int]:
     """cuobjdump's resource usage plus SASS instruction counts for one cubin.
 
     `cuobjdump -sass` costs ~0.5 s a cubin (it starts nvdisasm); the answer depends only on the cubin's
-    bytes, so it is cached next to Triton's own cache, keyed by the cubin's sha256.
+    bytes, so it is cached next to Triton's own cache, keyed by the cubin's sha256 (and _INSPECT_VERSION).
     """
-    key = hashlib.sha256(cubin).hexdigest()
+    key = hashlib.sha256(cubin + _INSPECT_VERSION).hexdigest()
     cached = os.path.join(_cache_dir(), key + ".json")
     try:
         with open(cached) as f:
