@@ -36,19 +36,27 @@ kernels as they are, no copy). A dO with a non-unit last stride (e.g. the expand
 returned as its (B, H, T, D) transpose, so the model's `y.transpose(1, 2).reshape(B, T, C)` is free.
 
 fp32 inputs use IEEE fp32 dots (no TF32) so fp32 parity holds to ~1e-6; on the GPU that is a
-correctness path, not a fast one (FMA dots, one small untuned config per kernel, register spills;
-training runs bf16 under autocast). Only fp16/bf16 builds are registered for the compile report.
+correctness path, not a fast one (FMA dots, one small untuned tile per kernel and head dim; training
+runs bf16 or fp16 under autocast). fp16 inputs (GPUs without bf16) take the same path as bf16: P and
+dS are rounded to fp16 for the tensor-core dots, everything accumulates in fp32.
 Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (the interpreter's bf16 tl.dot is wrong,
-triton issue 11584) after the same roundings the compiled kernel does (P and dS to the input dtype),
-and one fixed small config is used instead of autotuning.
+triton issue 11584) after the same roundings the compiled kernel does: P, dS and the outputs go
+through `store_cast`, which rounds to nearest even as the GPU's cvt.rn does (the interpreter's own
+fp32 -> bf16 cast truncates), and one fixed small config is used instead of autotuning.
 
-Autotuning: per kernel a list of configs for sm_80 (mma.sync: 4-8 warps, 2-4 stages) and one for
-sm_90 (wgmma: 128-row tiles in 8 warps, i.e. two warpgroups of 64 rows each), pruned to the running
-GPU's architecture, keyed on D, the dtype and T rounded up to a power of two.
+Configs: one table per GPU family (`TABLES`, `FP32_TABLES`; `kernels._launch.config_table` maps a
+compute capability to its table): mma.sync tables for 8.0 (163 KB of shared memory per block) and
+8.6 / 8.9 / 12.x (99 KB), a wgmma table for 9.0, a tcgen05 table for 10.x. Each tile states the largest
+head dim it fits; every tile was compiled for its arch (0 spills, shared memory within the limit).
+Below 8.0 there is no table: attention routes to SDPA (`kernels.arch_plan`). The autotuner sees every
+table's configs, prunes to the running GPU's, and is keyed on D, causal, the dtypes and T rounded up
+to a power of two. A process can instead pin its configs: `install_attention_configs(entries)` (e.g.
+the table `attention_configs()` returned in the run that wrote a checkpoint) or
+FASTGPT_ATTENTION_CONFIGS=fixed / `set_attention_config_mode("fixed")` (each table's first fitting
+tile), so every process launches the same tiles and results are bitwise reproducible.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -422,29 +430,33 @@ TABLES: dict[str, dict[str, list[Tile]]] = {
         "dkdv": [_t(32, 64, 4, 3), _t(32, 128, 8, 2), _t(32, 64, 4, 4, 64), _t(64, 64, 4, 3, 64)],
         "dq": [_t(64, 32, 4, 3), _t(64, 64, 4, 3), _t(128, 32, 8, 3), _t(128, 64, 8, 3, 64)],
     },
-    "sm86": {  # RTX 30xx: 99 KB per block
-        "fwd": [_t(64, 64, 4, 3), _t(128, 64, 4, 3, 64), _t(128, 32, 4, 3), _t(64, 32, 4, 3)],
-        "dkdv": [_t(32, 64, 4, 3), _t(32, 128, 8, 2), _t(32, 64, 4, 4, 64), _t(64, 64, 4, 3, 64)],
-        "dq": [_t(64, 32, 4, 3), _t(128, 32, 8, 3), _t(64, 64, 4, 3, 64), _t(128, 64, 8, 3, 64)],
+    "sm86": {  # RTX 30xx: 99 KB per block; at D=128 the 4-warp tiles of sm80 spill or overflow it
+        "fwd": [_t(64, 64, 4, 3), _t(128, 64, 4, 3, 64), _t(128, 32, 4, 3), _t(64, 64, 8, 3)],
+        "dkdv": [_t(32, 64, 4, 3), _t(32, 128, 8, 2), _t(32, 64, 4, 4, 64), _t(64, 64, 8, 2)],
+        "dq": [_t(64, 32, 4, 3), _t(128, 32, 8, 3), _t(64, 64, 8, 2), _t(128, 64, 8, 3, 64)],
     },
     "sm90": {  # H100: 227 KB per block, wgmma
         "fwd": [_t(128, 64, 8, 3), _t(128, 128, 8, 2, 64), _t(64, 64, 4, 3), _t(128, 64, 4, 3, 64)],
         "dkdv": [_t(64, 64, 4, 3, 64), _t(32, 128, 8, 2), _t(32, 128, 8, 3, 64), _t(64, 128, 8, 1, 64)],
         "dq": [_t(64, 64, 4, 3), _t(128, 64, 8, 2, 64), _t(128, 32, 8, 3), _t(64, 32, 4, 3)],
     },
-    "sm100": {},
-    "sm120": {},
+    "sm100": {  # B200: 227 KB per block, tcgen05 (accumulators in tensor memory: fewer registers)
+        "fwd": [_t(128, 64, 8, 3), _t(128, 128, 8, 2), _t(64, 64, 4, 3), _t(128, 64, 4, 3, 64)],
+        "dkdv": [_t(64, 64, 4, 3), _t(64, 128, 8, 1), _t(32, 64, 4, 3), _t(32, 128, 8, 2, 64)],
+        "dq": [_t(64, 64, 4, 3), _t(128, 64, 8, 2), _t(128, 32, 8, 3), _t(64, 32, 4, 3)],
+    },
+    "sm120": {  # RTX 50xx: mma.sync, 99 KB per block; its ptxas spills more at D=128: 8-warp tiles there
+        "fwd": [_t(64, 64, 8, 3), _t(128, 64, 8, 3, 64), _t(64, 32, 4, 3), _t(128, 32, 8, 2)],
+        "dkdv": [_t(32, 64, 8, 3), _t(64, 64, 8, 2), _t(32, 64, 4, 4), _t(32, 128, 8, 2, 64)],
+        "dq": [_t(64, 32, 8, 3), _t(64, 64, 8, 2), _t(128, 32, 8, 2), _t(64, 32, 4, 3)],
+    },
 }
-TABLES["sm89"] = TABLES["sm86"]
-TABLES["sm100"] = TABLES["sm90"]
-TABLES["sm120"] = TABLES["sm86"]
-# fp32 inputs (accepted, not fast): IEEE fp32 dots on FMA units with twice the shared memory per tile
-# of fp16/bf16, so small tiles; one per (table, kernel, head dim), no tuning.
-FP32_TABLES: dict[str, dict[str, list[Tile]]] = {
-    "sm80": {"fwd": [_t(64, 32, 4, 2)], "dkdv": [_t(32, 64, 4, 2)], "dq": [_t(64, 32, 4, 2)]},
-}
-for _name in TABLES:
-    FP32_TABLES.setdefault(_name, FP32_TABLES["sm80"])
+TABLES["sm89"] = TABLES["sm86"]  # RTX 40xx, L4: same mma.sync and 99 KB as 8.6; compiled for sm_89 on its own
+# fp32 inputs (accepted, not fast): IEEE fp32 dots run on FMA units, where each thread holds its share of
+# every fp32 operand tile: 4-warp tiles spill at D=128 (and on some archs at 64), so small tiles in 8
+# warps, the same on every arch, one per kernel, no tuning.
+_FP32 = {"fwd": [_t(32, 32, 8, 2)], "dkdv": [_t(16, 32, 8, 2)], "dq": [_t(32, 32, 8, 2)]}
+FP32_TABLES: dict[str, dict[str, list[Tile]]] = {name: _FP32 for name in TABLES}
 # Under the interpreter: one small config each, BLOCK_M != BLOCK_N so the straddling diagonal
 # tiles are exercised.
 INTERP_TILES = {"fwd": _t(64, 32, 4, 1), "dkdv": _t(32, 64, 4, 1), "dq": _t(64, 32, 4, 1)}
@@ -539,7 +551,7 @@ def attention_configs() -> list[dict]:
     """The config every attention kernel launched with in this process, one JSON-able dict per
     (kernel, arch, head_dim, dtype, t_bucket, causal), e.g. to save in a checkpoint and hand to
     `install_attention_configs` when the run resumes, so the resumed process launches the same tiles."""
-    return [{**dict(zip(_ENTRY_KEYS, key)), **dataclasses.asdict(tile)}
+    return [{**dict(zip(_ENTRY_KEYS, key)), **tile.launch_kwargs()}
             for key, tile in sorted(_chosen.items(), key=lambda kv: tuple(map(str, kv[0])))]
 
 
@@ -553,8 +565,7 @@ def install_attention_configs(entries: list[dict]) -> int:
         try:
             key = tuple(e[k] for k in _ENTRY_KEYS)
             kernel, arch, d, dtype, t_bucket, causal = key
-            tile = Tile(*(int(e[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")),
-                        max_head_dim=int(e.get("max_head_dim", d)))
+            tile = Tile(*(int(e[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")), max_head_dim=d)
             ok = (kernel in KERNELS and isinstance(arch, str) and d in HEAD_DIMS and dtype in _DTYPE_NAMES.values()
                   and isinstance(t_bucket, int) and t_bucket == next_pow2(t_bucket) and isinstance(causal, bool)
                   and all(v == next_pow2(v) and v >= 1 for v in tile.key[:3]) and tile.num_stages >= 1

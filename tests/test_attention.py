@@ -308,16 +308,65 @@ def test_config_mode_is_validated(monkeypatch, clean_configs):
 # --------------------------------------------------------------------------------------------
 # CUDA twins (pytest -m gpu)
 # --------------------------------------------------------------------------------------------
+def _skip_unless_gpu_runs(dtype=None):
+    """On the GPU at hand: attention must route to Triton (compute capability >= 8.0), and bf16 exist."""
+    plan = kernels.device_plan()
+    if plan.attention != "triton":
+        pytest.skip(f"attention runs on SDPA here: {plan.reason}")
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip(f"{torch.cuda.get_device_name()} has no bf16")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES + [(2, 12, 1024, 64), (1, 4, 1000, 128)], ids=lambda s: "x".join(map(str, s)))
 def test_gpu_parity(shape, dtype, expect_launch):
+    """Same tolerances as the interpreter: fp32 2e-5, fp16/bf16 2x SDPA's error in that dtype."""
+    _skip_unless_gpu_runs(dtype)
     _check(*_inputs(shape, dtype, "cuda", seed=6), expect_launch)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_refuses_gpus_below_sm80():
+    plan = kernels.device_plan()
+    if plan.attention == "triton":
+        pytest.skip(f"Triton attention runs here: {plan.reason}")
+    q = torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=torch.cuda.get_device_name()):
+        kernels.attention(q, q, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_gpu_configs_come_from_this_arch_table_and_reinstall(D, dtype, clean_configs):
+    _skip_unless_gpu_runs(dtype)
+    q, k, v, do = _inputs((2, 4, 512, D), dtype, "cuda", seed=12)
+    first = _fwd_bwd(kernels.attention, q, k, v, do)
+    table = kernels.device_plan().table
+    chosen = kernels.attention_configs()
+    assert {e["kernel"] for e in chosen} == {"fwd", "dkdv", "dq"}
+    for e in chosen:
+        keys = {t.key for t in attn_mod.tiles_for(e["kernel"], table, dtype, D)}
+        assert (e["BLOCK_M"], e["BLOCK_N"], e["num_warps"], e["num_stages"]) in keys, e
+    # Installed (as on resume) and fixed configs give bitwise the same results every time.
+    kernels.install_attention_configs(chosen)
+    for a, b in zip(first, _fwd_bwd(kernels.attention, q, k, v, do)):
+        assert torch.equal(a, b)
+    attn_mod.clear_attention_configs()
+    kernels.set_attention_config_mode("fixed")
+    fixed = _fwd_bwd(kernels.attention, q, k, v, do)
+    for e in kernels.attention_configs():
+        t = attn_mod.tiles_for(e["kernel"], table, dtype, D)[0]
+        assert (e["BLOCK_M"], e["BLOCK_N"], e["num_warps"], e["num_stages"]) == t.key, e
+    for a, b in zip(fixed, _fwd_bwd(kernels.attention, q, k, v, do)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gpu_qkv_split_gpt2_shape(dtype, expect_launch):
+    _skip_unless_gpu_runs(dtype)
     B, T, H, D = 2, 1024, 12, 64
     qkv = torch.randn(B, T, 3, H, D, device="cuda", dtype=dtype)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
@@ -326,6 +375,7 @@ def test_gpu_qkv_split_gpt2_shape(dtype, expect_launch):
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
+    _skip_unless_gpu_runs(torch.bfloat16)
     q, k, v, do = _inputs((2, 4, 1024, 64), torch.bfloat16, "cuda", seed=7)
     first = _fwd_bwd(kernels.attention, q, k, v, do)
     second = _fwd_bwd(kernels.attention, q, k, v, do)
