@@ -1,22 +1,33 @@
-"""Compile every registered Triton kernel for sm_80 and sm_90a, without a GPU, and report its resources.
+"""Compile every registered Triton kernel for every GPU target, without a GPU, and report its resources.
 
-    python -m bench.compile_report [--json PATH] [--kernel SUBSTR] [--jobs N]
+    python -m bench.compile_report [--arch sm_80,sm_89,...] [--json PATH] [--kernel SUBSTR] [--first-fit] [--jobs N]
 
-Each kernel family in `kernels/` registers the builds it may be launched with (`kernels._launch.Build`:
-kernel, signature, constexprs, warps, stages, divisibility hints) at GPT-2 shapes. For every build and
-both targets this compiles with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))`,
-writes the cubin to a temporary directory and reads it back with the `cuobjdump` shipped in triton's
-wheel:
+Targets (`kernels._launch.ARCHS`): sm_75 (T4), sm_80 (A100), sm_86 (RTX 30xx), sm_89 (RTX 40xx, L4),
+sm_90a (H100), sm_100a (B200), sm_120 (RTX 50xx); all by default, `--arch` picks some. Each kernel
+family in `kernels/` registers the builds it may be launched with (`kernels._launch.Build`: kernel,
+signature, constexprs, warps, stages, divisibility hints, and the archs it runs on: attention builds
+come from each arch's own config table, and none for sm_75, where attention runs on SDPA) at GPT-2
+shapes. Each build is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`
+(ptxas and cuobjdump ship in triton's wheel: CUDA 12.9's below sm_90, 13.x's "ptxas-blackwell" from
+sm_90a up) and its cubin read back with cuobjdump:
 - registers           REG from `cuobjdump --dump-resource-usage`
 - spill_bytes         STACK + LOCAL (bytes of per-thread local memory; anything > 0 is a spill)
 - shared_bytes        Triton's dynamic shared memory (metadata.shared) + static SHARED from cuobjdump
-- mma_instructions    SASS lines with a tensor-core MMA: HMMA (mma.sync; sm_80 and small tiles on
-                      sm_90a) or HGMMA (wgmma, sm_90a)
+- smem_limit          the arch's shared memory per block (what a launch may opt in to)
+- fits                shared_bytes <= smem_limit and spill_bytes == 0
+- mma_instructions    SASS lines with a tensor-core MMA, under each arch's name: HMMA (mma.sync: sm_75 to
+                      sm_89, sm_120, small tiles on sm_90a), HGMMA (wgmma, sm_90a), UTC*MMA (tcgen05.mma,
+                      sm_100a: UTCHMMA for fp16/bf16)
 - vector_loads        SASS lines with a 128-bit global load: LDG.E.128 (and its cache-hint variants) and
                       LDGSTS....128 (16-byte cp.async, global -> shared)
 
-The exit status is 1 when any build fails to compile or spills (each is named on stderr), 2 on a usage
-error. TRITON_INTERPRET must be off: with it set, `@triton.jit` yields interpreter functions that
+`--first-fit` compiles, per (kernel, arch, group), the builds in registration order only until one fits
+(a group is e.g. "bf16 D=128" of an attention kernel, whose builds are autotune alternatives; each
+memory-bound build is its own group): the cheap check that every kernel training uses has a config that
+fits each arch. Without it every build is compiled.
+
+The exit status is 1 when any build fails to compile or does not fit, or a group has no fitting build
+(each is named on stderr), 2 on a usage error. TRITON_INTERPRET must be off: with it set, `@triton.jit` yields interpreter functions that
 cannot be compiled, so this module clears it before importing `kernels` and refuses to run if
 `kernels` was already imported in interpreter mode. Triton's on-disk cache (~/.triton/cache or
 TRITON_CACHE_DIR) and a cache of the cuobjdump results (keyed by the cubin's hash, in
@@ -37,10 +48,13 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-ARCHS = {"sm_80": 80, "sm_90a": 90}
-KEYS = ("kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "mma_instructions", "vector_loads")
+KEYS = ("kernel", "arch", "config", "group", "registers", "spill_bytes", "shared_bytes", "smem_limit", "fits",
+        "mma_instructions", "vector_loads")
 
-_MMA_RE = re.compile(r"\b(HMMA|HGMMA)\.")
+# HMMA.16816.F32.BF16 (mma.sync), HGMMA.64x64x16.F32.BF16 (wgmma), UTCHMMA / UTCQMMA / UTCIMMA /
+# UTCOMMA (tcgen05.mma for fp16-bf16 / fp8 / int8 / mxfp4; no suffix in the SASS of sm_100a).
+_MMA_RE = re.compile(r"\b(HMMA|HGMMA|UTC[A-Z]?MMA)\b")
+_INSPECT_VERSION = b"2"  # bump when what _inspect_cubin counts changes: old cached answers are then ignored
 _VEC_LOAD_RE = re.compile(r"\bLDG(STS)?(\.[A-Z0-9_]+)*\.128\b")
 _RES_RE = re.compile(r"Function\s+(\S+):\s*\n\s*(.*)")
 
@@ -50,12 +64,18 @@ class Row:
     kernel: str
     arch: str
     config: str
+    group: str
+    smem_limit: int
     registers: int = -1
     spill_bytes: int = -1
     shared_bytes: int = -1
     mma_instructions: int = -1
     vector_loads: int = -1
     error: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return not self.error and self.spill_bytes == 0 and 0 <= self.shared_bytes <= self.smem_limit
 
     def as_json(self) -> dict:
         return {k: getattr(self, k) for k in KEYS}
@@ -97,9 +117,9 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict[str, int]:
     """cuobjdump's resource usage plus SASS instruction counts for one cubin.
 
     `cuobjdump -sass` costs ~0.5 s a cubin (it starts nvdisasm); the answer depends only on the cubin's
-    bytes, so it is cached next to Triton's own cache, keyed by the cubin's sha256.
+    bytes, so it is cached next to Triton's own cache, keyed by the cubin's sha256 (and _INSPECT_VERSION).
     """
-    key = hashlib.sha256(cubin).hexdigest()
+    key = hashlib.sha256(cubin + _INSPECT_VERSION).hexdigest()
     cached = os.path.join(_cache_dir(), key + ".json")
     try:
         with open(cached) as f:
@@ -135,10 +155,11 @@ def _compile_one(task: tuple[int, str]) -> Row:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels._launch import all_builds
+    from kernels._launch import ARCHS, all_builds
 
     b = all_builds()[index]
-    row = Row(kernel=b.kernel, arch=arch, config=b.config)
+    row = Row(kernel=b.kernel, arch=arch, config=b.config, group=b.group or b.config,
+              smem_limit=ARCHS[arch].smem_per_block)
     try:
         if not isinstance(b.fn, triton.runtime.JITFunction):
             raise TypeError(f"{type(b.fn).__name__} is not a JITFunction (was TRITON_INTERPRET set?)")
@@ -147,7 +168,7 @@ def _compile_one(task: tuple[int, str]) -> Row:
         src = ASTSource(fn=b.fn, signature=b.signature, constexprs=b.constexprs, attrs=attrs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # triton 3.9's FP-fusion default notice, once per process
-            k = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
+            k = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch].capability, 32),
                                options={"num_warps": b.num_warps, "num_stages": b.num_stages})
         res = _inspect_cubin(k.asm["cubin"], f"{b.kernel}_{arch}")
         row.registers = res.get("REG", 0)
@@ -161,19 +182,46 @@ def _compile_one(task: tuple[int, str]) -> Row:
 
 
 def _table(rows: list[Row]) -> str:
-    head = ("kernel", "arch", "config", "regs", "spill", "shared", "mma", "ldg128")
-    body = [(r.kernel, r.arch, r.config, *(str(v) for v in (r.registers, r.spill_bytes, r.shared_bytes,
-                                                            r.mma_instructions, r.vector_loads)))
-            if not r.error else (r.kernel, r.arch, r.config, "ERROR", "", "", "", "") for r in rows]
+    head = ("kernel", "arch", "config", "regs", "spill", "shared", "limit", "fits", "mma", "ldg128")
+    body = [(r.kernel, r.arch, r.config, *(str(v) for v in (r.registers, r.spill_bytes, r.shared_bytes, r.smem_limit,
+                                                            "yes" if r.fits else "NO", r.mma_instructions,
+                                                            r.vector_loads)))
+            if not r.error else (r.kernel, r.arch, r.config, "ERROR", "", "", "", "NO", "", "") for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     fmt = lambda cells: " | ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths), *(fmt(r) for r in body)])
 
 
+def _compile_all(tasks: list[tuple[int, str]], jobs: int) -> list[Row]:
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing as mp
+
+        # fork: workers inherit the imported kernels and their registry; tasks are plain indices.
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
+            return list(pool.map(_compile_one, tasks, chunksize=1))
+    return [_compile_one(t) for t in tasks]
+
+
+def _first_fit(groups: dict[tuple, list[tuple[int, str]]], jobs: int) -> list[Row]:
+    """Per group, compile its builds in order until one fits; rounds run every unresolved group in parallel."""
+    rows: list[Row] = []
+    pending = {g: list(ts) for g, ts in groups.items()}
+    while pending:
+        batch = {g: ts.pop(0) for g, ts in pending.items()}
+        done = dict(zip(batch, _compile_all(list(batch.values()), jobs)))
+        rows.extend(done.values())
+        pending = {g: ts for g, ts in pending.items() if ts and not done[g].fits}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="", metavar="LIST",
+                   help="comma-separated targets among sm_75, sm_80, sm_86, sm_89, sm_90a, sm_100a, sm_120 (default: all)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
     p.add_argument("--kernel", metavar="SUBSTR", default="", help="only kernels whose name contains SUBSTR")
+    p.add_argument("--first-fit", action="store_true",
+                   help="per (kernel, arch, group) stop at the first build that fits (a quick check)")
     p.add_argument("--jobs", type=int, default=0,
                    help="compile in this many processes (default 0: one per idle CPU, i.e. CPUs minus the "
                         "1-minute load average, at least 1; on a busy machine extra processes only slow it down)")
@@ -181,40 +229,50 @@ def main(argv: list[str] | None = None) -> int:
 
     _prepare_environment()
     import kernels  # noqa: F401  (registers every kernel family's builds)
-    from kernels._launch import all_builds
+    from kernels._launch import ARCHS, all_builds
 
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()] or list(ARCHS)
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        print(f"compile_report: unknown --arch {', '.join(unknown)}; known: {', '.join(ARCHS)}", file=sys.stderr)
+        return 2
     builds = all_builds()
-    tasks = [(i, arch) for i, b in enumerate(builds) if args.kernel in b.kernel for arch in ARCHS]
+    tasks = [(i, arch) for arch in archs for i, b in enumerate(builds)
+             if args.kernel in b.kernel and (not b.archs or arch in b.archs)]
     if not tasks:
         print(f"compile_report: no registered kernel matches {args.kernel!r}", file=sys.stderr)
         return 2
     if args.jobs <= 0:
         cpus = os.cpu_count() or 1
         args.jobs = max(1, min(cpus, cpus - round(os.getloadavg()[0])))
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    for i, arch in tasks:
+        groups.setdefault((builds[i].kernel, arch, builds[i].group or builds[i].config), []).append((i, arch))
     t0 = time.time()
-    if args.jobs > 1 and len(tasks) > 1:
-        import multiprocessing as mp
-
-        # fork: workers inherit the imported kernels and their registry; tasks are plain indices.
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
-            rows = list(pool.map(_compile_one, tasks, chunksize=1))
-    else:
-        rows = [_compile_one(t) for t in tasks]
+    rows = _first_fit(groups, args.jobs) if args.first_fit else _compile_all(tasks, args.jobs)
     elapsed = time.time() - t0
+    rows.sort(key=lambda r: (archs.index(r.arch), r.kernel, r.config))
 
     print(_table(rows))
-    print(f"\n{len(rows)} builds ({len(tasks) // len(ARCHS)} kernels x {len(ARCHS)} archs) in {elapsed:.1f} s, "
-          f"{args.jobs} process{'es' if args.jobs > 1 else ''}")
+    print(f"\n{len(rows)} builds of {len(tasks)} registered for {', '.join(archs)} in {elapsed:.1f} s, "
+          f"{args.jobs} process{'es' if args.jobs > 1 else ''}{' (first fit per group)' if args.first_fit else ''}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_json() for r in rows], f, indent=1)
     failed = [r for r in rows if r.error]
-    spilled = [r for r in rows if not r.error and r.spill_bytes > 0]
+    unfit = [r for r in rows if not r.error and not r.fits]
     for r in failed:
         print(f"COMPILE ERROR {r.kernel} {r.arch} [{r.config}]: {r.error}", file=sys.stderr)
-    for r in spilled:
-        print(f"SPILL {r.kernel} {r.arch} [{r.config}]: {r.spill_bytes} bytes", file=sys.stderr)
-    return 1 if failed or spilled else 0
+    for r in unfit:
+        print(f"DOES NOT FIT {r.kernel} {r.arch} [{r.config}]: {r.spill_bytes} spill bytes, "
+              f"{r.shared_bytes} of {r.smem_limit} bytes shared memory", file=sys.stderr)
+    fitting = {(r.kernel, r.arch, r.group) for r in rows if r.fits}
+    lost = sorted(g for g in groups if g not in fitting)
+    for kernel, arch, group in lost:
+        print(f"NO FITTING CONFIG {kernel} {arch} [{group}]", file=sys.stderr)
+    if args.first_fit:  # alternatives that were tried and did not fit are expected; only a lost group fails
+        return 1 if lost or failed else 0
+    return 1 if failed or unfit or lost else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU suite in one command: kernel and training-step benchmarks (pytest-benchmark),
-# the memory model with a measured check, and the report (markdown + chart + roofline).
+# The whole GPU suite in one command: the arch it runs on, the GPU parity tests (pytest -m gpu),
+# kernel and training-step benchmarks (pytest-benchmark), the memory model with a measured check,
+# and the report (markdown + chart + roofline).
 #
 #   bash bench/run_gpu.sh [OUT_DIR] [extra pytest args]       # default OUT_DIR: bench_results
 #
@@ -18,6 +19,11 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
 fi
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# The arch and what fastgpt runs on it (config table, training dtype, attention route).
+python -c "import torch, kernels; (ma, mi), p = torch.cuda.get_device_capability(), kernels.device_plan(); \
+print(f'arch: sm_{ma}{mi} ({torch.cuda.get_device_name()}), table {p.table}, dtype {p.dtype}, attention {p.attention}'); \
+print(f'plan: {p.reason}')" | tee -a "$OUT/gpu.txt"
+python -m pytest tests -m gpu -p no:cacheprovider -q | tee "$OUT/gpu-tests.txt"
 python -m pytest bench/ -p no:cacheprovider -q --benchmark-json "$OUT/results.json" "$@" | tee "$OUT/pytest.txt"
 python -m bench.memory --model gpt2 --batch 16 --seq 1024 --measure --json "$OUT/memory-gpt2-b16.json" \
     | tee "$OUT/memory-gpt2-b16.md"

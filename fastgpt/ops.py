@@ -109,9 +109,11 @@ def gelu(x: torch.Tensor, mode: str = "auto") -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """Causal self-attention on (B, nh, T, hs) views; returns (B, nh, T, hs)."""
     if use_triton(mode, q, k, v):
-        # "auto" routes head sizes the kernel has no tiles for to SDPA; "triton" lets the kernel raise.
-        if mode == "triton" or q.shape[-1] in _kernels().ATTENTION_HEAD_DIMS:
-            return _kernels().attention(q, k, v, causal=True)
+        # "auto" routes head sizes the kernel has no tiles for, and GPUs below compute capability 8.0
+        # (kernels.device_plan says why), to SDPA; "triton" lets the kernel raise, naming GPU and reason.
+        kern = _kernels()
+        if mode == "triton" or (q.shape[-1] in kern.ATTENTION_HEAD_DIMS and kern.attention_route(q.device) == "triton"):
+            return kern.attention(q, k, v, causal=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 

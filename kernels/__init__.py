@@ -10,11 +10,23 @@ autograd, PyTorch reference). Every public function is a `torch.library` custom 
     kernels.attention(q, k, v, causal=True, scale=None)  == F.scaled_dot_product_attention, (B, H, T, D)
     kernels.linear_cross_entropy(x, weight, targets)     == F.cross_entropy(x @ weight.T, targets)
     kernels.FusedAdamW(params, lr, betas, eps, weight_decay) == torch.optim.AdamW
+
+Per GPU: `kernels.arch_plan((major, minor))` / `kernels.device_plan(device)` give the attention config
+table, default training dtype, attention route (Triton or SDPA) and a one-line reason;
+`kernels.attention_configs()` / `kernels.install_attention_configs(entries)` read and pin the attention
+launch configs (FASTGPT_ATTENTION_CONFIGS=fixed pins them to each table's first candidate).
 """
-from ._launch import can_launch, interpreting, launches, why_not
+from ._launch import arch_plan, attention_route, can_launch, device_plan, interpreting, launches, why_not
 from .adamw import FusedAdamW
 from .attention import HEAD_DIMS as ATTENTION_HEAD_DIMS
-from .attention import attention
+from .attention import (
+    attention,
+    attention_config_mode,
+    attention_configs,
+    clear_attention_configs,
+    install_attention_configs,
+    set_attention_config_mode,
+)
 from .cross_entropy import linear_cross_entropy
 from .gelu import gelu
 from .layer_norm import layer_norm
@@ -24,6 +36,14 @@ __all__ = [
     "gelu",
     "attention",
     "ATTENTION_HEAD_DIMS",
+    "attention_configs",
+    "install_attention_configs",
+    "clear_attention_configs",
+    "set_attention_config_mode",
+    "attention_config_mode",
+    "arch_plan",
+    "device_plan",
+    "attention_route",
     "linear_cross_entropy",
     "FusedAdamW",
     "can_launch",

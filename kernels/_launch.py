@@ -7,9 +7,13 @@ What lives here and why:
   operands is wrong, triton issue 11584: kernels upcast their dot operands only when interpreting).
 - a launch counter: tests prove the Triton path ran by reading `launches(name)` before and after.
 - block / warp choice for row-wise kernels.
+- per-architecture choices: the GPU targets fastgpt compiles for (`ARCHS`, with each one's shared
+  memory per block), which attention config table a compute capability gets, and `arch_plan`: the
+  default training dtype and the attention route (Triton or PyTorch SDPA) of a capability. Pure
+  functions of the capability, so they are tested without a GPU.
 - a registry of GPU builds: each kernel file registers the (kernel, signature, constexprs, config)
-  combinations it can be launched with, so `python -m bench.compile_report` compiles all of them
-  for sm_80 and sm_90a without knowing the kernels itself.
+  combinations it can be launched with, and on which archs, so `python -m bench.compile_report`
+  compiles all of them for every target in `ARCHS` without knowing the kernels itself.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import inspect
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -119,6 +123,111 @@ def row_config(n_cols: int, elem_bytes: int = 4) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Per-architecture choices.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arch:
+    """One GPU target: its name for ptxas, compute capability, and limits that decide which configs fit."""
+
+    name: str  # ptxas target, e.g. "sm_90a"
+    capability: int  # 10 * major + minor, what triton's GPUTarget takes
+    smem_per_block: int  # bytes of shared memory one block may opt in to (CUDA programming guide)
+    gpus: str  # examples, for tables and messages
+
+
+# The seven targets the compile report builds for. Triton compiles capability >= 90 as the "a"
+# variant (sm_90a, sm_100a, sm_120a) with the ptxas-blackwell it bundles (CUDA 13.x), and < 90 with
+# its CUDA 12.x ptxas; both ship in triton's wheel, so no CUDA toolkit is needed.
+ARCHS = {
+    a.name: a
+    for a in (
+        Arch("sm_75", 75, 64 * 1024, "T4, RTX 20xx"),
+        Arch("sm_80", 80, 163 * 1024, "A100, A30"),
+        Arch("sm_86", 86, 99 * 1024, "RTX 30xx, A10, A40"),
+        Arch("sm_89", 89, 99 * 1024, "RTX 40xx, L4, L40"),
+        Arch("sm_90a", 90, 227 * 1024, "H100, H200, GH200"),
+        Arch("sm_100a", 100, 227 * 1024, "B200, GB200"),
+        Arch("sm_120", 120, 99 * 1024, "RTX 50xx, RTX PRO 6000 Blackwell"),
+    )
+}
+
+
+def config_table(capability: tuple[int, int]) -> str | None:
+    """Name of the attention config table for a compute capability, or None below 8.0 (no Triton attention).
+
+    Each table is sized for its arch's shared memory per block and its tensor-core instruction:
+    mma.sync per warp on 8.x and 12.x (163 KB on 8.0/8.7, 99 KB on 8.6/8.9/12.x), wgmma per warpgroup on
+    9.0, tcgen05 on 10.x. Consumer Blackwell (12.x) has mma.sync and 99 KB, so it must not take the
+    Hopper or B200 tables (their tiles need up to 227 KB). An unknown newer major gets the 99 KB mma.sync
+    table: the smallest tiles, the safest guess.
+    """
+    major, minor = capability
+    if major < 8:
+        return None
+    if major == 8:
+        return "sm86" if minor == 6 else "sm89" if minor >= 8 else "sm80"  # 8.7 (Orin): 163 KB like 8.0
+    if major == 9:
+        return "sm90"
+    if major in (10, 11):
+        return "sm100"
+    return "sm120"
+
+
+def table_arch(table: str) -> Arch:
+    """The compile target a config table is checked on (sm_100a for "sm100", ...)."""
+    return next(a for a in ARCHS.values() if a.name.replace("_", "").rstrip("a") == table)
+
+
+class ArchPlan(NamedTuple):
+    """What fastgpt runs on one compute capability (see `arch_plan`)."""
+
+    table: str | None  # attention config table, None where attention does not run on Triton
+    dtype: str  # default training dtype: "bf16" (>= 8.0) or "fp16" with loss scaling (no bf16 before 8.0)
+    attention: str  # "triton" or "sdpa"
+    reason: str  # one line for the startup log
+
+
+def arch_plan(capability: tuple[int, int]) -> ArchPlan:
+    """Training dtype and attention route for a GPU of this compute capability (pure: no GPU needed)."""
+    major, minor = capability
+    sm = f"sm_{major}{minor}"
+    table = config_table(capability)
+    if table is None:
+        return ArchPlan(None, "fp16", "sdpa",
+                        f"compute capability {major}.{minor} ({sm}) is below 8.0: Triton emits no tensor-core "
+                        f"instructions for the attention kernels there and they spill, so attention runs on "
+                        f"PyTorch SDPA; the memory-bound kernels stay on Triton; no bf16, so fp16 with loss scaling")
+    smem = table_arch(table).smem_per_block // 1024
+    return ArchPlan(table, "bf16", "triton",
+                    f"compute capability {major}.{minor} ({sm}): Triton attention with the {table} config table "
+                    f"({smem} KB shared memory per block), bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_plan(index: int) -> tuple[str, ArchPlan]:
+    return torch.cuda.get_device_name(index), arch_plan(torch.cuda.get_device_capability(index))
+
+
+def _cuda_index(device: torch.device | str | int | None) -> int:
+    if device is None:
+        return torch.cuda.current_device()
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def device_plan(device: torch.device | str | int | None = None) -> ArchPlan:
+    """`arch_plan` of a CUDA device (the current one by default); the reason names the GPU."""
+    name, plan = _device_plan(_cuda_index(device))
+    return plan._replace(reason=f"{name}: {plan.reason}")
+
+
+def attention_route(device: torch.device | str) -> str:
+    """'triton' or 'sdpa' for attention on tensors of `device` (CPU, i.e. the interpreter: 'triton')."""
+    device = torch.device(device)
+    return _device_plan(_cuda_index(device))[1].attention if device.type == "cuda" else "triton"
+
+
+# --------------------------------------------------------------------------------------------
 # Registry of GPU builds for the compile report.
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -133,6 +242,8 @@ class Build:
     num_stages: int = 3
     config: str = ""  # human-readable label, e.g. "bf16 N=768 BLOCK_N=1024 w4"
     attrs: dict = field(default_factory=dict)  # e.g. divisibility hints; may stay empty
+    archs: tuple[str, ...] = ()  # names in ARCHS this build is launched on; empty: every arch
+    group: str = ""  # builds of one kernel with one group are alternatives (autotune configs); "" = config
 
 
 _BUILDERS: list[Callable[[], list[Build]]] = []

@@ -36,30 +36,46 @@ kernels as they are, no copy). A dO with a non-unit last stride (e.g. the expand
 returned as its (B, H, T, D) transpose, so the model's `y.transpose(1, 2).reshape(B, T, C)` is free.
 
 fp32 inputs use IEEE fp32 dots (no TF32) so fp32 parity holds to ~1e-6; on the GPU that is a
-correctness path, not a fast one (FMA dots, one small untuned config per kernel, register spills;
-training runs bf16 under autocast). Only fp16/bf16 builds are registered for the compile report.
+correctness path, not a fast one (FMA dots, one small untuned tile per kernel and head dim; training
+runs bf16 or fp16 under autocast). fp16 inputs (GPUs without bf16) take the same path as bf16: P and
+dS are rounded to fp16 for the tensor-core dots, everything accumulates in fp32.
 Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (the interpreter's bf16 tl.dot is wrong,
-triton issue 11584) after the same roundings the compiled kernel does (P and dS to the input dtype),
-and one fixed small config is used instead of autotuning.
+triton issue 11584) after the same roundings the compiled kernel does: P, dS and the outputs go
+through `store_cast`, which rounds to nearest even as the GPU's cvt.rn does (the interpreter's own
+fp32 -> bf16 cast truncates), and one fixed small config is used instead of autotuning.
 
-Autotuning: per kernel a list of configs for sm_80 (mma.sync: 4-8 warps, 2-4 stages) and one for
-sm_90 (wgmma: 128-row tiles in 8 warps, i.e. two warpgroups of 64 rows each), pruned to the running
-GPU's architecture, keyed on D, the dtype and T rounded up to a power of two.
+Configs: one table per GPU family (`TABLES`, `FP32_TABLES`; `kernels._launch.config_table` maps a
+compute capability to its table): mma.sync tables for 8.0 (163 KB of shared memory per block) and
+8.6 / 8.9 / 12.x (99 KB), a wgmma table for 9.0, a tcgen05 table for 10.x. Each tile states the largest
+head dim it fits; every tile was compiled for its arch (0 spills, shared memory within the limit).
+Below 8.0 there is no table: attention routes to SDPA (`kernels.arch_plan`). The autotuner sees every
+table's configs, prunes to the running GPU's, and is keyed on D, causal, the dtypes and T rounded up
+to a power of two. A process can instead pin its configs: `install_attention_configs(entries)` (e.g.
+the table `attention_configs()` returned in the run that wrote a checkpoint) or
+FASTGPT_ATTENTION_CONFIGS=fixed / `set_attention_config_mode("fixed")` (each table's first fitting
+tile), so every process launches the same tiles and results are bitwise reproducible.
 """
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ._jit import store_cast
 from ._launch import (
     Build,
+    attention_route,
     can_launch,
     count_launch,
+    device_plan,
     interpreting,
     on_tensor_device,
     next_pow2,
     register_builds,
+    table_arch,
     why_not,
 )
 
@@ -126,7 +142,7 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        p = p.to(v.dtype)
+        p = store_cast(p, v.dtype)
         if UPCAST_DOT:
             p = p.to(tl.float32)
             v = v.to(tl.float32)
@@ -154,7 +170,7 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        p = p.to(v.dtype)
+        p = store_cast(p, v.dtype)
         if UPCAST_DOT:
             p = p.to(tl.float32)
             v = v.to(tl.float32)
@@ -165,7 +181,7 @@ def _attn_fwd(
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of the scaled scores
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
     tl.store(o_base + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=m_ok[:, None])
+             store_cast(acc, O.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit
@@ -261,21 +277,21 @@ def _attn_bwd_dkdv(
             pt = tl.math.exp2(st - lse2[None, :])
             if phase == 0:
                 pt = tl.where(cols[None, :] >= offs_n[:, None], pt, 0.0)
-            pt_lo = pt.to(DO.dtype.element_ty)
+            pt_lo = store_cast(pt, DO.dtype.element_ty)
             if UPCAST_DOT:
                 pt_lo = pt_lo.to(tl.float32)
             dv = tl.dot(pt_lo, do, dv, input_precision=DOT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dst = (pt * (dpt - delta[None, :])).to(Q.dtype.element_ty)
+            dst = store_cast(pt * (dpt - delta[None, :]), Q.dtype.element_ty)
             if UPCAST_DOT:
                 dst = dst.to(tl.float32)
             dk = tl.dot(dst, q, dk, input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + rows_n * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
+             store_cast(dk, DK.dtype.element_ty), mask=n_ok[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + rows_n * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+             store_cast(dv, DV.dtype.element_ty), mask=n_ok[:, None])
 
 
 @triton.jit
@@ -354,81 +370,242 @@ def _attn_bwd_dq(
                 else:
                     p = tl.where((cols < T)[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+            ds = store_cast(p * (dp - delta[:, None]), Q.dtype.element_ty)
             if UPCAST_DOT:
                 ds = ds.to(tl.float32)
             dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_m * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
+             store_cast(dq, DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
 # ============================================================================================
 # Autotune configs and launchers
 # ============================================================================================
-def _cfg(bm: int, bn: int, warps: int, stages: int, max_d: int = 128) -> triton.Config:
-    c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-    c.max_head_dim = max_d  # larger head dims spill with this tile: pruned for them
-    return c
+@dataclass(frozen=True)
+class Tile:
+    """One launch config of one attention kernel.
+
+    The head-dim limit lives here, not as an attribute on `triton.Config`: Triton's autotune disk cache
+    (TRITON_CACHE_AUTOTUNING=1) rebuilds configs with `triton.Config(**config.__dict__)`, which rejects
+    anything extra, so the configs handed to `triton.autotune` carry only Triton's own fields."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    max_head_dim: int = 128  # larger head dims spill (or overflow shared memory) with this tile
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        return self.BLOCK_M, self.BLOCK_N, self.num_warps, self.num_stages
+
+    def launch_kwargs(self) -> dict:
+        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.BLOCK_M, "BLOCK_N": self.BLOCK_N},
+                             num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, largest head dim]). Forward and dQ need
+def _t(bm: int, bn: int, warps: int, stages: int, max_d: int = 128) -> Tile:
+    return Tile(bm, bn, warps, stages, max_d)
+
+
+KERNELS = ("fwd", "dkdv", "dq")
+# Per config table (chosen by compute capability: `kernels._launch.config_table`), per kernel, the
+# autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages[, largest head dim]); the first one
+# that allows a head dim is what FASTGPT_ATTENTION_CONFIGS=fixed launches. Forward and dQ need
 # BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0 (diagonal tiles never straddle a loop
-# split). sm_80 runs mma.sync per warp (16-row fragments): 4 warps on 64-128 rows. sm_90 runs wgmma
-# per warpgroup of 4 warps on 64 rows: 128-row tiles in 8 warps give two warpgroups; all configs
-# there compile to HGMMA. Every (config, head dim <= its limit) was compiled for both sm_80 and
-# sm_90a at T=1024, fp16 and bf16 (the builds registered below): 0 spill bytes, shared memory
-# <= 128 KiB. Candidates that spilled on either architecture were removed, e.g. forward 128x64 in 4
-# warps at D=128 (the fp32 accumulator alone is 128 registers per thread), dK/dV 64x128 in 4 warps.
-FWD_CONFIGS = {
-    80: [_cfg(128, 64, 4, 3, 64), _cfg(128, 32, 4, 3, 64), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)],
-    90: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2, 64), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3, 64)],
+# split). mma.sync (8.x, 12.x) works per warp on 16-row fragments: 4 warps on 64-128 rows. wgmma (9.0)
+# works per warpgroup of 4 warps on 64 rows: 128-row tiles in 8 warps give two warpgroups. tcgen05
+# (10.x) issues from one thread into tensor memory, so registers matter less there.
+# Every (tile, head dim <= its limit, fp16/bf16) below was compiled for its table's arch by
+# `python -m bench.compile_report` at T=1024: 0 spill bytes and shared memory within the arch's per-block
+# limit (the test suite checks it, tests/test_compile_report.py).
+TABLES: dict[str, dict[str, list[Tile]]] = {
+    "sm80": {  # A100: 163 KB per block
+        "fwd": [_t(128, 64, 4, 3, 64), _t(128, 32, 4, 3, 64), _t(64, 64, 4, 3), _t(128, 64, 8, 3)],
+        "dkdv": [_t(32, 64, 4, 3), _t(32, 128, 8, 2), _t(32, 64, 4, 4, 64), _t(64, 64, 4, 3, 64)],
+        "dq": [_t(64, 32, 4, 3), _t(64, 64, 4, 3), _t(128, 32, 8, 3), _t(128, 64, 8, 3, 64)],
+    },
+    "sm86": {  # RTX 30xx: 99 KB per block; at D=128 the 4-warp tiles of sm80 spill or overflow it
+        "fwd": [_t(64, 64, 4, 3), _t(128, 64, 4, 3, 64), _t(128, 32, 4, 3), _t(64, 64, 8, 3)],
+        "dkdv": [_t(32, 64, 4, 3), _t(32, 128, 8, 2), _t(32, 64, 4, 4, 64), _t(64, 64, 8, 2)],
+        "dq": [_t(64, 32, 4, 3), _t(128, 32, 8, 3), _t(64, 64, 8, 2), _t(128, 64, 8, 3, 64)],
+    },
+    "sm90": {  # H100: 227 KB per block, wgmma
+        "fwd": [_t(128, 64, 8, 3), _t(128, 128, 8, 2, 64), _t(64, 64, 4, 3), _t(128, 64, 4, 3, 64)],
+        "dkdv": [_t(64, 64, 4, 3, 64), _t(32, 128, 8, 2), _t(32, 128, 8, 3, 64), _t(64, 128, 8, 1, 64)],
+        "dq": [_t(64, 64, 4, 3), _t(128, 64, 8, 2, 64), _t(128, 32, 8, 3), _t(64, 32, 4, 3)],
+    },
+    "sm100": {  # B200: 227 KB per block, tcgen05 (accumulators in tensor memory: fewer registers)
+        "fwd": [_t(128, 64, 8, 3), _t(128, 128, 8, 2), _t(64, 64, 4, 3), _t(128, 64, 4, 3, 64)],
+        "dkdv": [_t(64, 64, 4, 3), _t(64, 128, 8, 1), _t(32, 64, 4, 3), _t(32, 128, 8, 2, 64)],
+        "dq": [_t(64, 64, 4, 3), _t(128, 64, 8, 2), _t(128, 32, 8, 3), _t(64, 32, 4, 3)],
+    },
+    "sm120": {  # RTX 50xx: mma.sync, 99 KB per block; its ptxas spills more at D=128: 8-warp tiles there
+        "fwd": [_t(64, 64, 8, 3), _t(128, 64, 8, 3, 64), _t(64, 32, 4, 3), _t(128, 32, 8, 2)],
+        "dkdv": [_t(32, 64, 8, 3), _t(64, 64, 8, 2), _t(32, 64, 4, 4), _t(32, 128, 8, 2, 64)],
+        "dq": [_t(64, 32, 8, 3), _t(64, 64, 8, 2), _t(128, 32, 8, 2), _t(64, 32, 4, 3)],
+    },
 }
-DKDV_CONFIGS = {  # BLOCK_M: query rows per inner step, BLOCK_N: keys per program
-    80: [_cfg(32, 64, 4, 3), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 4, 64), _cfg(64, 64, 4, 3, 64)],
-    90: [_cfg(64, 64, 4, 3, 64), _cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3, 64), _cfg(64, 128, 8, 1, 64)],
-}
-DQ_CONFIGS = {
-    80: [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3, 64)],
-    90: [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2, 64), _cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
-}
-# fp32 inputs (accepted, not fast): IEEE fp32 dots run on FMA units with twice the shared memory
-# per tile, so the tables above would not fit; one small config per kernel, no tuning.
-FP32_CONFIGS = {"fwd": _cfg(64, 32, 4, 2), "dkdv": _cfg(32, 64, 4, 2), "dq": _cfg(64, 32, 4, 2)}
+TABLES["sm89"] = TABLES["sm86"]  # RTX 40xx, L4: same mma.sync and 99 KB as 8.6; compiled for sm_89 on its own
+# fp32 inputs (accepted, not fast): IEEE fp32 dots run on FMA units, where each thread holds its share of
+# every fp32 operand tile: 4-warp tiles spill at D=128 (and on some archs at 64), so small tiles in 8
+# warps, the same on every arch, one per kernel, no tuning.
+_FP32 = {"fwd": [_t(32, 32, 8, 2)], "dkdv": [_t(16, 32, 8, 2)], "dq": [_t(32, 32, 8, 2)]}
+FP32_TABLES: dict[str, dict[str, list[Tile]]] = {name: _FP32 for name in TABLES}
 # Under the interpreter: one small config each, BLOCK_M != BLOCK_N so the straddling diagonal
 # tiles are exercised.
-INTERP_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
-INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
-INTERP_DQ = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+INTERP_TILES = {"fwd": _t(64, 32, 4, 1), "dkdv": _t(32, 64, 4, 1), "dq": _t(64, 32, 4, 1)}
 PRE_BLOCK_M = 64
 
 
-def _arch_of(t: torch.Tensor) -> int:
-    major, _ = torch.cuda.get_device_capability(t.device)
-    return 90 if major >= 9 else 80
+def tiles_for(kernel: str, table: str, dtype: torch.dtype, head_dim: int) -> list[Tile]:
+    """The candidates of one kernel on one config table for inputs of this dtype and head dim."""
+    tables = FP32_TABLES if dtype == torch.float32 else TABLES
+    return [t for t in tables[table][kernel] if head_dim <= t.max_head_dim]
 
 
-def _pruner(table: dict[int, list[triton.Config]], fp32_config: triton.Config):
+def autotune_configs(kernel: str) -> list[triton.Config]:
+    """Every table's candidates for `kernel` as plain triton.Configs (deduplicated); the pruner keeps the
+    running GPU's ones."""
+    seen: dict[tuple, Tile] = {}
+    for tables in (TABLES, FP32_TABLES):
+        for table in tables.values():
+            for t in table[kernel]:
+                seen.setdefault(t.key, t)
+    return [t.config() for t in seen.values()]
+
+
+def _config_key(c: triton.Config) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _table_of(t: torch.Tensor) -> str:
+    plan = device_plan(t.device)
+    if plan.table is None:
+        raise RuntimeError(f"kernels.attention cannot run on this GPU: {plan.reason}")
+    return plan.table
+
+
+def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
-        if named_args["Q"].dtype == torch.float32:
-            return [fp32_config]
+        q = named_args["Q"]
         d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        keep = {id(c) for c in table[_arch_of(named_args["Q"])] if d <= c.max_head_dim}
-        return [c for c in configs if id(c) in keep]
+        allowed = {t.key for t in tiles_for(kernel, _table_of(q), q.dtype, d)}
+        return [c for c in configs if _config_key(c) in allowed]
     return prune
 
 
-def _tuned(fn, table, fp32_config):
-    # The autotuner sees every arch's configs and prunes to the running GPU's at first call.
+def _tuned(fn, kernel: str):
+    # The autotuner sees every table's configs and prunes to the running GPU's at first call.
     # No reset_to_zero: no output accumulates across trials (plain stores, no atomics).
-    return triton.autotune(configs=table[80] + table[90], key=["HEAD_DIM", "T_BUCKET", "CAUSAL"],
-                           prune_configs_by={"early_config_prune": _pruner(table, fp32_config)})(fn)
+    return triton.autotune(configs=autotune_configs(kernel), key=["HEAD_DIM", "T_BUCKET", "CAUSAL"],
+                           prune_configs_by={"early_config_prune": _pruner(kernel)})(fn)
 
 
-_attn_fwd_tuned = None if interpreting() else _tuned(_attn_fwd, FWD_CONFIGS, FP32_CONFIGS["fwd"])
-_attn_bwd_dkdv_tuned = None if interpreting() else _tuned(_attn_bwd_dkdv, DKDV_CONFIGS, FP32_CONFIGS["dkdv"])
-_attn_bwd_dq_tuned = None if interpreting() else _tuned(_attn_bwd_dq, DQ_CONFIGS, FP32_CONFIGS["dq"])
+_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_TUNED = {} if interpreting() else {k: _tuned(fn, k) for k, fn in _RAW.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Which config each launch uses: autotuned (default), fixed, or installed from a saved table.
+# --------------------------------------------------------------------------------------------
+CONFIG_ENV = "FASTGPT_ATTENTION_CONFIGS"
+CONFIG_MODES = ("autotune", "fixed")
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_ENTRY_KEYS = ("kernel", "arch", "head_dim", "dtype", "t_bucket", "causal")
+_mode: str | None = None  # set_attention_config_mode's choice; None: the environment's
+_installed: dict[tuple, Tile] = {}  # from install_attention_configs
+_chosen: dict[tuple, Tile] = {}  # what this process launched, per key
+
+
+def set_attention_config_mode(mode: str | None) -> None:
+    """'autotune' (default) or 'fixed': every launch takes the first candidate of its arch's table, no
+    benchmarking, the same in every process (bitwise-reproducible runs). None: back to the environment
+    variable FASTGPT_ATTENTION_CONFIGS (unset means 'autotune'). Installed configs win over both."""
+    global _mode
+    if mode is not None and mode not in CONFIG_MODES:
+        raise ValueError(f"attention config mode must be one of {CONFIG_MODES}, got {mode!r}")
+    _mode = mode
+
+
+def attention_config_mode() -> str:
+    mode = _mode or os.environ.get(CONFIG_ENV) or "autotune"
+    if mode not in CONFIG_MODES:
+        raise ValueError(f"{CONFIG_ENV}={mode!r} is not one of {CONFIG_MODES}")
+    return mode
+
+
+def _arch_name(t: torch.Tensor) -> str:
+    if t.device.type != "cuda":
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return f"sm_{major}{minor}"
+
+
+def attention_configs() -> list[dict]:
+    """The config every attention kernel launched with in this process, one JSON-able dict per
+    (kernel, arch, head_dim, dtype, t_bucket, causal), e.g. to save in a checkpoint and hand to
+    `install_attention_configs` when the run resumes, so the resumed process launches the same tiles."""
+    return [{**dict(zip(_ENTRY_KEYS, key)), **tile.launch_kwargs()}
+            for key, tile in sorted(_chosen.items(), key=lambda kv: tuple(map(str, kv[0])))]
+
+
+def install_attention_configs(entries: list[dict]) -> int:
+    """Launch with these configs (the format `attention_configs` returns) wherever their key matches,
+    instead of autotuning; entries for another arch are kept and simply never match here. Replaces
+    what was installed before; returns the number of entries. A malformed entry raises ValueError
+    naming it, and nothing is installed."""
+    table = {}
+    for e in entries:
+        try:
+            key = tuple(e[k] for k in _ENTRY_KEYS)
+            kernel, arch, d, dtype, t_bucket, causal = key
+            tile = Tile(*(int(e[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")), max_head_dim=d)
+            ok = (kernel in KERNELS and isinstance(arch, str) and d in HEAD_DIMS and dtype in _DTYPE_NAMES.values()
+                  and isinstance(t_bucket, int) and t_bucket == next_pow2(t_bucket) and isinstance(causal, bool)
+                  and all(v == next_pow2(v) and v >= 1 for v in tile.key[:3]) and tile.num_stages >= 1
+                  and min(tile.BLOCK_M, tile.BLOCK_N) >= 16
+                  and (tile.BLOCK_N % tile.BLOCK_M == 0 if kernel == "dkdv" else tile.BLOCK_M % tile.BLOCK_N == 0))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"not an attention config entry: {e!r}")
+        table[key] = tile
+    _installed.clear()
+    _installed.update(table)
+    return len(table)
+
+
+def clear_attention_configs() -> None:
+    """Forget installed and recorded configs (the autotuner's own cache stays)."""
+    _installed.clear()
+    _chosen.clear()
+
+
+def _run(kernel: str, grid, args: tuple, flags: dict, q: torch.Tensor, T: int) -> None:
+    """Launch one attention kernel with the config this process uses for its key, and record it."""
+    key = (kernel, _arch_name(q), flags["HEAD_DIM"], _DTYPE_NAMES[q.dtype], next_pow2(T), flags["CAUSAL"])
+    tile = _installed.get(key)
+    if tile is None and interpreting():
+        tile = INTERP_TILES[kernel]
+    elif tile is None and attention_config_mode() == "fixed":
+        tile = tiles_for(kernel, _table_of(q), q.dtype, flags["HEAD_DIM"])[0]
+    if tile is not None:
+        kw = tile.launch_kwargs()
+        _RAW[kernel][grid(kw)](*args, **flags, **kw)
+    else:
+        tuned = _TUNED[kernel]
+        tuned[grid](*args, **flags)
+        c = tuned.best_config
+        tile = Tile(*_config_key(c), max_head_dim=flags["HEAD_DIM"])
+    if _chosen.get(key) != tile:
+        _chosen[key] = tile
+    count_launch(f"attention_{'bwd_' if kernel != 'fwd' else ''}{kernel}")
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -453,13 +630,7 @@ def _launch_fwd(q, k, v, causal: bool, scale: float):
     args = (q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
             H, T, next_pow2(T), scale)
     flags = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
-    if interpreting():
-        grid = (triton.cdiv(T, INTERP_FWD["BLOCK_M"]), B * H)
-        _attn_fwd[grid](*args, **flags, **INTERP_FWD)
-    else:
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd_tuned[grid](*args, **flags)
-    count_launch("attention_fwd")
+    _run("fwd", lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), args, flags, q, T)
     return o, lse
 
 
@@ -478,16 +649,8 @@ def _launch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     flags = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, *common, *_strides3(dk), *_strides3(dv), *tail)
     dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides3(dq), *tail)
-    if interpreting():
-        _attn_bwd_dkdv[(triton.cdiv(T, INTERP_DKDV["BLOCK_N"]), B * H)](*dkdv_args, **flags, **INTERP_DKDV)
-        count_launch("attention_bwd_dkdv")
-        _attn_bwd_dq[(triton.cdiv(T, INTERP_DQ["BLOCK_M"]), B * H)](*dq_args, **flags, **INTERP_DQ)
-        count_launch("attention_bwd_dq")
-    else:
-        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](*dkdv_args, **flags)
-        count_launch("attention_bwd_dkdv")
-        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*dq_args, **flags)
-        count_launch("attention_bwd_dq")
+    _run("dkdv", lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H), dkdv_args, flags, q, T)
+    _run("dq", lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), dq_args, flags, q, T)
     return dq, dk, dv
 
 
@@ -503,6 +666,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     # bench/memory.py's CPU fake tensors standing in for CUDA ones) reach the fake implementation.
     if not can_launch(q, k, v):
         raise RuntimeError(f"kernels.attention cannot run: {why_not(q, k, v)}")
+    if q.is_cuda and attention_route(q.device) != "triton":
+        raise RuntimeError(f"kernels.attention cannot run on this GPU: {device_plan(q.device).reason}")
     return _launch_fwd(q, k, v, causal, scale)
 
 
@@ -580,13 +745,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 
 # ============================================================================================
-# Compile-report builds: every autotune config at GPT-2 shapes (T=1024, D=64), fp16 and bf16,
-# and bf16 at D=128 for every config allowed there.
+# Compile-report builds: every table's candidates at GPT-2 shapes (T=1024), fp16 and bf16 at head dims
+# 64 and 128 where a tile allows them, fp32 likewise, each for the arch(s) whose table holds it.
 # ============================================================================================
-_FWD_ARGS = ["Q", "K", "V", "O", "LSE"]
-_BWD_PTRS = {"dkdv": ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV"], "dq": ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ"]}
-
-
 def _signature(fn, dtype: str) -> dict[str, str]:
     sig = {}
     for name in fn.arg_names:
@@ -611,38 +772,42 @@ def _divisibility(fn) -> dict:
             if name in pointers or name.startswith("stride_") or name in ("T", "T_BUCKET")}
 
 
-def _kernel_builds(report: str, fn, table: dict[int, list[triton.Config]], head_dims=(64, 128)) -> list[Build]:
-    """One build per distinct (config, dtype, head dim); the label names the arch table(s) using it."""
-    seen: dict[tuple, list[int]] = {}
-    for arch, configs in table.items():
-        for c in configs:
-            for dtype in ("fp16", "bf16"):
+def _table_archs() -> dict[str, str]:
+    """config table -> the compile target it is checked on."""
+    return {table: table_arch(table).name for table in TABLES}
+
+
+def _kernel_builds(kernel: str, head_dims=(64, 128)) -> list[Build]:
+    """One build per distinct (tile, dtype, head dim), for every arch whose table holds that tile."""
+    fn, report = _RAW[kernel], "attention_" + ("fwd" if kernel == "fwd" else "bwd_" + kernel)
+    seen: dict[tuple, list[str]] = {}
+    for table, arch in _table_archs().items():
+        for dtype, tables in (("fp16", TABLES), ("bf16", TABLES), ("fp32", FP32_TABLES)):
+            for t in tables[table][kernel]:
                 for d in head_dims:
-                    if d > c.max_head_dim or (d != 64 and dtype != "bf16"):
-                        continue
-                    key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, dtype, d)
-                    seen.setdefault(key, []).append(arch)
+                    if d <= t.max_head_dim:
+                        seen.setdefault((t.key, dtype, d), []).append(arch)
     out = []
-    for (bm, bn, warps, stages, dtype, d), archs in seen.items():
+    for ((bm, bn, warps, stages), dtype, d), archs in seen.items():
         out.append(Build(
             kernel=report, fn=fn, signature=_signature(fn, dtype),
-            constexprs=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, UPCAST_DOT=False, DOT_PRECISION="tf32"),
+            constexprs=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, UPCAST_DOT=False,
+                            DOT_PRECISION="ieee" if dtype == "fp32" else "tf32"),
             num_warps=warps, num_stages=stages,
-            config=f"{dtype} T=1024 D={d} BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages} "
-                   f"(tuned for {'+'.join(f'sm{a}' for a in archs)})",
-            attrs=_divisibility(fn)))
+            config=f"{dtype} T=1024 D={d} BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages}",
+            attrs=_divisibility(fn), archs=tuple(archs), group=f"{dtype} D={d}"))
     return out
 
 
 @register_builds
 def _builds() -> list[Build]:
-    builds = _kernel_builds("attention_fwd", _attn_fwd, FWD_CONFIGS)
-    builds += _kernel_builds("attention_bwd_dkdv", _attn_bwd_dkdv, DKDV_CONFIGS)
-    builds += _kernel_builds("attention_bwd_dq", _attn_bwd_dq, DQ_CONFIGS)
-    for dtype in ("fp16", "bf16"):
-        fn = _attn_bwd_preprocess
-        builds.append(Build(
-            kernel="attention_bwd_preprocess", fn=fn, signature=_signature(fn, dtype),
-            constexprs=dict(HEAD_DIM=64, BLOCK_M=PRE_BLOCK_M), num_warps=4, num_stages=1,
-            config=f"{dtype} T=1024 D=64 BLOCK_M={PRE_BLOCK_M} w4", attrs=_divisibility(fn)))
+    builds = [b for kernel in KERNELS for b in _kernel_builds(kernel)]
+    fn = _attn_bwd_preprocess
+    for dtype in ("fp16", "bf16", "fp32"):
+        for d in (64, 128):
+            builds.append(Build(
+                kernel="attention_bwd_preprocess", fn=fn, signature=_signature(fn, dtype),
+                constexprs=dict(HEAD_DIM=d, BLOCK_M=PRE_BLOCK_M), num_warps=4, num_stages=1,
+                config=f"{dtype} T=1024 D={d} BLOCK_M={PRE_BLOCK_M} w4", attrs=_divisibility(fn),
+                archs=tuple(dict.fromkeys(_table_archs().values()))))
     return builds

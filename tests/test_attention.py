@@ -5,6 +5,7 @@ fp32: within 2e-5 of fp64. fp16/bf16: within 2x SDPA's own same-dtype error vs f
 floor). Under the interpreter the kernel upcasts its dot operands (triton issue 11584) after the
 same fp16/bf16 roundings of P and dS it does on the GPU, so low-precision numerics are still tested.
 """
+import json
 import sys
 
 import pytest
@@ -176,18 +177,196 @@ def test_tiny_model_trains_all_triton_kernels(expect_launch):
 
 
 # --------------------------------------------------------------------------------------------
+# FlashAttention's criterion on its test grid's odd lengths, and fp16 under autocast
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T", [2, 3, 113, 257])
+@pytest.mark.parametrize("D", [64, 128])
+def test_flash_attention_criterion(T, D, dtype, kernel_device, expect_launch):
+    """Every output's max error vs an fp32 reference <= 2x PyTorch SDPA's own same-dtype error (no floor).
+
+    Needs P, dS and the outputs rounded to nearest (store_cast), as the compiled kernel does; with the
+    interpreter's truncating casts bf16 errors were 1.2-4x SDPA's at these lengths."""
+    q, k, v, do = _inputs((1, 2, T, D), dtype, kernel_device, seed=T + D)
+    with expect_launch("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
+        ours = _fwd_bwd(kernels.attention, q, k, v, do)
+    ref = _fwd_bwd(_sdpa, *(t.cpu().float() for t in (q, k, v)), do.cpu().float())
+    theirs = _fwd_bwd(_sdpa, *(t.cpu() for t in (q, k, v)), do.cpu())
+    for name, a, t, e in zip(NAMES, ours, theirs, ref):
+        err = (a.cpu().float() - e).abs().max().item()
+        pt_err = (t.float() - e).abs().max().item()
+        assert err <= 2 * pt_err, f"{name}: max error {err:.3g} > 2x SDPA {dtype} {pt_err:.3g}"
+
+
+def test_fp16_autocast_gradients(kernel_device, expect_launch):
+    """q, k, v from linear layers under fp16 autocast (as GPUs without bf16 train): fp16 in, fp16 out,
+    gradients to the fp32 weights as SDPA's."""
+    B, T, C, H = 2, 50, 64, 2
+    x = torch.randn(B, T, C, generator=torch.Generator().manual_seed(9)).to(kernel_device)
+    w = (0.2 * torch.randn(3 * C, C, generator=torch.Generator().manual_seed(10))).to(kernel_device)
+
+    def run(fn, device):
+        wd = w.to(device).requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=torch.float16):
+            qkv = torch.nn.functional.linear(x.to(device), wd).view(B, T, 3, H, C // H)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, T, D) fp16 views
+            o = fn(q, k, v)
+        assert o.dtype == torch.float16
+        o.float().square().mean().backward()
+        return o, wd.grad
+
+    with expect_launch("attention_fwd", "attention_bwd_dkdv"):
+        o, g = run(kernels.attention, kernel_device)
+    o_ref, g_ref = run(lambda q, k, v: _sdpa(q.float(), k.float(), v.float()).half(), "cpu")
+    assert torch.isfinite(g).all()
+    assert (o.cpu().float() - o_ref.float()).abs().max().item() <= 2 ** -9 * o_ref.abs().max().item()  # ~2 fp16 ulps
+    assert (g.cpu() - g_ref).abs().max().item() <= 2e-3 * g_ref.abs().max().item() + 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configs: recorded, installed (resume), fixed
+# --------------------------------------------------------------------------------------------
+class _Spy:
+    """Stands in for a raw @triton.jit kernel in attn_mod._RAW and records each launch's config."""
+
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append({k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")})
+            return self.fn[grid](*args, **kw)
+        return launch
+
+
+@pytest.fixture
+def clean_configs():
+    attn_mod.clear_attention_configs()
+    attn_mod.set_attention_config_mode(None)
+    yield
+    attn_mod.clear_attention_configs()
+    attn_mod.set_attention_config_mode(None)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the interpreter launches the raw kernels the spy wraps")
+def test_installed_configs_are_what_the_launcher_uses(monkeypatch, clean_configs, expect_launch):
+    q, k, v, do = _inputs((1, 2, 70, 32), torch.float32, "cpu", seed=11)
+    _fwd_bwd(kernels.attention, q, k, v, do)
+    recorded = kernels.attention_configs()
+    assert {e["kernel"] for e in recorded} == {"fwd", "dkdv", "dq"}
+    for e in recorded:  # plain data: a checkpoint stores it as is
+        assert e["arch"] == "interpreter" and e["head_dim"] == 32 and e["dtype"] == "fp32" and e["t_bucket"] == 128
+        assert e["causal"] is True and (e["BLOCK_M"], e["BLOCK_N"]) == (attn_mod.INTERP_TILES[e["kernel"]].BLOCK_M,
+                                                                        attn_mod.INTERP_TILES[e["kernel"]].BLOCK_N)
+    # A resumed process installs a saved table (other tiles than the defaults here) and launches with it.
+    saved = json.loads(json.dumps(recorded))
+    tiles = {"fwd": (32, 16, 2, 1), "dkdv": (16, 32, 2, 1), "dq": (32, 16, 2, 1)}
+    for e in saved:
+        e["BLOCK_M"], e["BLOCK_N"], e["num_warps"], e["num_stages"] = tiles[e["kernel"]]
+    attn_mod.clear_attention_configs()
+    assert kernels.install_attention_configs(saved) == 3
+    log = {name: [] for name in attn_mod._RAW}
+    monkeypatch.setattr(attn_mod, "_RAW", {n: _Spy(fn, log[n]) for n, fn in attn_mod._RAW.items()})
+    with expect_launch("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
+        ours = _fwd_bwd(kernels.attention, q, k, v, do)
+    for name, (bm, bn, w, st) in tiles.items():
+        assert log[name] == [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)], name
+    assert kernels.attention_configs() == sorted(saved, key=lambda e: e["kernel"])
+    exact = _fwd_bwd(_sdpa, *(t.double() for t in (q, k, v)), do.double())
+    for name, a, e in zip(NAMES, ours, exact):
+        assert (a.double() - e).abs().max().item() <= 2e-5, name
+    # A key that matches no installed entry (another T bucket) falls back to the default tile.
+    log["fwd"].clear()
+    kernels.attention(q[:, :, :20], k[:, :, :20], v[:, :, :20])
+    assert log["fwd"][0]["BLOCK_M"] == attn_mod.INTERP_TILES["fwd"].BLOCK_M
+
+
+def test_install_rejects_malformed_entries(clean_configs):
+    good = dict(kernel="fwd", arch="sm_90", head_dim=64, dtype="bf16", t_bucket=1024, causal=True,
+                BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    assert kernels.install_attention_configs([good]) == 1
+    for bad in (dict(good, kernel="bwd"), dict(good, head_dim=80), dict(good, BLOCK_M=96), dict(good, t_bucket=1000),
+                dict(good, BLOCK_M=32, BLOCK_N=64), {k: v for k, v in good.items() if k != "num_warps"}):
+        with pytest.raises(ValueError, match="not an attention config entry"):
+            kernels.install_attention_configs([good, bad])
+    assert len(attn_mod._installed) == 1  # a failed install leaves the previous table
+
+
+def test_config_mode_is_validated(monkeypatch, clean_configs):
+    with pytest.raises(ValueError, match="autotune"):
+        kernels.set_attention_config_mode("fastest")
+    monkeypatch.setenv("FASTGPT_ATTENTION_CONFIGS", "fixed")
+    assert kernels.attention_config_mode() == "fixed"
+    kernels.set_attention_config_mode("autotune")  # the argument wins over the environment
+    assert kernels.attention_config_mode() == "autotune"
+    kernels.set_attention_config_mode(None)
+    monkeypatch.setenv("FASTGPT_ATTENTION_CONFIGS", "sometimes")
+    with pytest.raises(ValueError, match="FASTGPT_ATTENTION_CONFIGS='sometimes'"):
+        kernels.attention_config_mode()
+
+
+# --------------------------------------------------------------------------------------------
 # CUDA twins (pytest -m gpu)
 # --------------------------------------------------------------------------------------------
+def _skip_unless_gpu_runs(dtype=None):
+    """On the GPU at hand: attention must route to Triton (compute capability >= 8.0), and bf16 exist."""
+    plan = kernels.device_plan()
+    if plan.attention != "triton":
+        pytest.skip(f"attention runs on SDPA here: {plan.reason}")
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip(f"{torch.cuda.get_device_name()} has no bf16")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES + [(2, 12, 1024, 64), (1, 4, 1000, 128)], ids=lambda s: "x".join(map(str, s)))
 def test_gpu_parity(shape, dtype, expect_launch):
+    """Same tolerances as the interpreter: fp32 2e-5, fp16/bf16 2x SDPA's error in that dtype."""
+    _skip_unless_gpu_runs(dtype)
     _check(*_inputs(shape, dtype, "cuda", seed=6), expect_launch)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_refuses_gpus_below_sm80():
+    plan = kernels.device_plan()
+    if plan.attention == "triton":
+        pytest.skip(f"Triton attention runs here: {plan.reason}")
+    q = torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=torch.cuda.get_device_name()):
+        kernels.attention(q, q, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_gpu_configs_come_from_this_arch_table_and_reinstall(D, dtype, clean_configs):
+    _skip_unless_gpu_runs(dtype)
+    q, k, v, do = _inputs((2, 4, 512, D), dtype, "cuda", seed=12)
+    first = _fwd_bwd(kernels.attention, q, k, v, do)
+    table = kernels.device_plan().table
+    chosen = kernels.attention_configs()
+    assert {e["kernel"] for e in chosen} == {"fwd", "dkdv", "dq"}
+    for e in chosen:
+        keys = {t.key for t in attn_mod.tiles_for(e["kernel"], table, dtype, D)}
+        assert (e["BLOCK_M"], e["BLOCK_N"], e["num_warps"], e["num_stages"]) in keys, e
+    # Installed (as on resume) and fixed configs give bitwise the same results every time.
+    kernels.install_attention_configs(chosen)
+    for a, b in zip(first, _fwd_bwd(kernels.attention, q, k, v, do)):
+        assert torch.equal(a, b)
+    attn_mod.clear_attention_configs()
+    kernels.set_attention_config_mode("fixed")
+    fixed = _fwd_bwd(kernels.attention, q, k, v, do)
+    for e in kernels.attention_configs():
+        t = attn_mod.tiles_for(e["kernel"], table, dtype, D)[0]
+        assert (e["BLOCK_M"], e["BLOCK_N"], e["num_warps"], e["num_stages"]) == t.key, e
+    for a, b in zip(fixed, _fwd_bwd(kernels.attention, q, k, v, do)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gpu_qkv_split_gpt2_shape(dtype, expect_launch):
+    _skip_unless_gpu_runs(dtype)
     B, T, H, D = 2, 1024, 12, 64
     qkv = torch.randn(B, T, 3, H, D, device="cuda", dtype=dtype)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
@@ -196,6 +375,7 @@ def test_gpu_qkv_split_gpt2_shape(dtype, expect_launch):
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
+    _skip_unless_gpu_runs(torch.bfloat16)
     q, k, v, do = _inputs((2, 4, 1024, 64), torch.bfloat16, "cuda", seed=7)
     first = _fwd_bwd(kernels.attention, q, k, v, do)
     second = _fwd_bwd(kernels.attention, q, k, v, do)
