@@ -28,3 +28,14 @@ def test_cpu_defaults_on_two_ranks_split_the_batch_and_evaluate_the_same_tokens(
     # The same 1,024 training tokens (rows 0-3 on rank 0, 4-7 on rank 1) and the same 16 val sequences.
     assert math.isclose(a[0][0], b[0][0], rel_tol=1e-5), (a, b)
     assert a_val.keys() == b_val.keys() == {1} and math.isclose(a_val[1], b_val[1], rel_tol=1e-5), (a_val, b_val)
+
+
+def test_cpu_optimizer_is_torchs_fused_adamw():
+    """The CPU step's AdamW is torch's fused one (5x faster than the default for-loop on CPU)."""
+    import torch
+
+    from fastgpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=16, kernels="torch"))
+    opt = model.configure_optimizers(weight_decay=0.1, lr=1e-3, device_type="cpu")
+    assert type(opt) is torch.optim.AdamW and all(g["fused"] for g in opt.param_groups)
