@@ -77,3 +77,21 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
         nxt = _pick(logits[:, -1, :], temperature, top_k, generator)
         out = torch.cat([out, nxt.to(out.dtype)], dim=1)
     return out
+
+
+def sample_text(model, prompt: str = "\n", max_new_tokens: int = 40, temperature: float = 0.8, top_k: int = 40,
+                seed: int = 42) -> str:
+    """One decoded sample after `prompt`, reproducible by seed: what a training run shows of its model."""
+    from .tokenizer import EOT_TOKEN, get_encoding
+
+    enc = get_encoding()
+    device = next(model.parameters()).device
+    idx = torch.tensor([enc.encode_ordinary(prompt) or [EOT_TOKEN]], device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        out = sample(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    finally:
+        model.train(was_training)
+    return enc.decode(out[0].tolist())

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from .config import KERNEL_CHOICES, PRESETS, GPTConfig, TrainConfig
-from .data import DataError, ShardLoader
+from .data import DEFAULT_DATA_ROOT, DataError, ShardLoader, prepare_default_data
 from .model import GPT
 
 # With no GPU and no --model, these replace the GPU-sized defaults for every flag the user did not give:
@@ -36,6 +36,19 @@ from .model import GPT
 CPU_DEFAULTS = dict(model="tiny", total_batch_size=1024, micro_batch_size=8, seq_len=128, max_lr=2e-3,
                     warmup_steps=10, max_steps=200, eval_interval=25, eval_steps=4, checkpoint_interval=50)
 MAX_NONFINITE = 3  # consecutive skipped updates before giving up
+
+
+def _cpu_defaults_for_world(changed: dict, world: int, seq_len: int) -> tuple[dict, str]:
+    """Split the CPU default micro-batch over `world` ranks so a step keeps its tokens (8 x 128 on one
+    rank = 4 x 128 on each of two); where the micro-batch does not divide, grow the step instead."""
+    micro, total = changed["micro_batch_size"], changed["total_batch_size"]
+    if micro % world == 0:
+        changed = {**changed, "micro_batch_size": micro // world}
+        return changed, f" (micro-batch {micro} split over {world} ranks: a step stays {total} tokens)"
+    m = max(1, micro // world)
+    changed = {**changed, "micro_batch_size": m, "total_batch_size": m * changed.get("seq_len", seq_len) * world}
+    return changed, (f" (micro-batch {micro} does not split over {world} ranks: {m} per rank, "
+                     f"{changed['total_batch_size']} tokens per step)")
 
 
 class TrainError(Exception):
@@ -286,12 +299,20 @@ class Trainer:
 
     def resolve_config(self, cfg: TrainConfig) -> TrainConfig:
         """CPU-sized defaults where no GPU is present, the model preset, and flag checks."""
+        # Evaluation reads eval_steps batches of this many sequences, split over the ranks: fixed before any
+        # per-rank micro-batch is derived below, so the validation tokens do not depend on the world size.
+        self.eval_batch = cfg.micro_batch_size
         if not self.cuda and cfg.model is None:
             changed = {k: v for k, v in CPU_DEFAULTS.items() if k not in self.given}
+            self.eval_batch = changed.get("micro_batch_size", cfg.micro_batch_size)
+            world_note = ""
+            if self.world > 1 and not {"micro_batch_size", "total_batch_size"} & self.given:
+                changed, world_note = _cpu_defaults_for_world(changed, self.world, cfg.seq_len)
             cfg = replace(cfg, **changed)
             flags = " ".join(f"--{k} {v}" for k, v in changed.items() if k != "model")
-            self.notes.append(f"no GPU: using the CPU-sized preset '{cfg.model}' with {flags or 'your flags'}; "
-                              f"pass --model gpt2 (and the batch flags) to train GPT-2 small on the CPU anyway")
+            self.notes.append(f"no GPU: using the CPU-sized preset '{cfg.model}' with {flags or 'your flags'}"
+                              f"{world_note}; pass --model gpt2 (and the batch flags) to train GPT-2 small on "
+                              f"the CPU anyway")
         self.model_name = cfg.model or "gpt2"
         self.gcfg = GPTConfig.preset(self.model_name, kernels=cfg.kernels)
         for name in ("micro_batch_size", "seq_len", "max_steps", "eval_interval", "eval_steps",
@@ -309,9 +330,15 @@ class Trainer:
 
     def build_data(self) -> None:
         cfg, B, T = self.cfg, self.cfg.micro_batch_size, self.cfg.seq_len
+        if cfg.data_root == DEFAULT_DATA_ROOT:  # a fresh machine: `python train.py` needs no other step
+            if self.local_rank == 0:
+                prepare_default_data(cfg.data_root, log=self.log)
+            if self.ddp:
+                dist.barrier()
         self.train_loader = ShardLoader(cfg.data_root, "train", B, T, self.rank, self.world, self.gcfg.vocab_size,
                                         verbose=self.master)
-        self.val_loader = ShardLoader(cfg.data_root, "val", B, T, self.rank, self.world, self.gcfg.vocab_size,
+        # One sequence per chunk: rank r evaluates sequences r, r + world, ... of the same eval set.
+        self.val_loader = ShardLoader(cfg.data_root, "val", 1, T, self.rank, self.world, self.gcfg.vocab_size,
                                       verbose=self.master)
 
     def build_model(self) -> None:
@@ -425,24 +452,26 @@ class Trainer:
                              f"--log_dir.")
 
     def evaluate(self) -> float:
-        """Mean validation loss over eval_steps micro-batches, shared across ranks."""
-        core, world = self.core, self.world
-        val_steps = max(1, min(self.cfg.eval_steps, self.val_loader.total) // world)
+        """Mean validation loss over the first eval_steps x eval_batch sequences of the val split, whatever
+        the world size: each rank takes every world-th sequence, in micro-batches of micro_batch_size."""
+        core, world, B = self.core, self.world, self.cfg.micro_batch_size
+        n_seq = min(self.cfg.eval_steps * self.eval_batch, self.val_loader.total)
+        mine = len(range(self.rank, n_seq, world))  # this rank's share
         core.eval()
         self.val_loader.reset()
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device)  # sum over sequences of their mean token loss
         with torch.no_grad():
-            for _ in range(val_steps):
-                x, y = self.val_loader.next_batch()
+            for start in range(0, mine, B):
+                rows = [self.val_loader.next_batch() for _ in range(min(B, mine - start))]
+                x = torch.cat([r[0] for r in rows])  # (b, T)
+                y = torch.cat([r[1] for r in rows])
                 with self.autocast():
                     _, loss = core(x.to(self.device), y.to(self.device), return_logits=False)
-                total += loss.float()
-        total /= val_steps
+                total += loss.float() * x.shape[0]
         if self.ddp:
             dist.all_reduce(total)
-            total /= world
         core.train()
-        return total.item()
+        return (total / n_seq).item()
 
     def log_eval(self, done: int) -> None:
         self.last_val = self.evaluate()

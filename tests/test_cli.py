@@ -22,11 +22,11 @@ def fastgpt(*args, cwd, check=True, timeout=300):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A user's directory after `fastgpt prepare shakespeare` (the packaged text, no network) and a one-step
-    `fastgpt train` with CPU defaults."""
+    """A fresh user's directory after a one-step `fastgpt train` with CPU defaults and nothing else (it
+    prepares the packaged Tiny Shakespeare itself), and a `fastgpt prepare shakespeare` (no network)."""
     d = tmp_path_factory.mktemp("user")
-    prep = fastgpt("prepare", "shakespeare", cwd=d)
     train = fastgpt("train", "--max_steps", "1", cwd=d)
+    prep = fastgpt("prepare", "shakespeare", "--out", "prepared", cwd=d)
     return d, prep, train
 
 
@@ -43,14 +43,17 @@ def hf_dir(tmp_path_factory):
 def test_prepare_prints_the_exact_counts(workdir):
     d, prep, _ = workdir
     assert "Saved 304,222 train tokens and 33,803 val tokens" in prep.stdout
-    assert sorted(p.name for p in (d / "shakespeare_data").iterdir()) == ["train_00000.npy", "val_00000.npy"]
+    assert sorted(p.name for p in (d / "prepared").iterdir()) == ["train_00000.npy", "val_00000.npy"]
 
 
 def test_train_on_cpu_picks_the_cpu_preset_and_says_so(workdir):
     d, _, train = workdir
     out = train.stdout
     lines = out.splitlines()
-    assert lines[:3] == ["found 1 shards for split train", "found 1 shards for split val", "using device: cpu"]
+    assert lines[0].startswith("no data in 'shakespeare_data': preparing the Tiny Shakespeare packaged with")
+    assert lines[1] == "Saved 304,222 train tokens and 33,803 val tokens"
+    assert lines[2:5] == ["found 1 shards for split train", "found 1 shards for split val", "using device: cpu"]
+    assert sorted(p.name for p in (d / "shakespeare_data").iterdir()) == ["train_00000.npy", "val_00000.npy"]
     assert "no GPU: using the CPU-sized preset 'tiny'" in out and "--model gpt2" in out
     assert "step 0 | loss: 10." in out and "val loss " in out
     ckpt = torch.load(d / "log" / "model_00001.pt")
@@ -87,9 +90,11 @@ def test_help_lists_every_command(tmp_path):
 
 
 def test_train_without_data_gives_the_prepare_hint(tmp_path):
-    r = fastgpt("train", "--max_steps", "1", cwd=tmp_path, check=False)
+    """Only the default --data_root is prepared automatically: a missing other one may be a typo."""
+    r = fastgpt("train", "--max_steps", "1", "--data_root", "my_data", cwd=tmp_path, check=False)
     assert r.returncode == 1
-    assert "run `fastgpt prepare shakespeare` first" in r.stderr and "Traceback" not in r.stderr
+    assert "'my_data' not found" in r.stderr and "run `fastgpt prepare shakespeare` first" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "my_data").exists()
 
 
 def test_generate_from_a_checkpoint_cache_equals_no_cache(workdir):
