@@ -105,5 +105,8 @@ def make_optimizer(param_groups: Iterable[dict], lr: float, betas: tuple[float, 
     probe = first if first is not None else torch.empty(0, device=device_type)
     if use_triton(mode, probe):
         return _kernels().FusedAdamW(param_groups, lr=lr, betas=betas, eps=eps)
-    extra = {"fused": True} if device_type == "cuda" else {}
+    # fused: one kernel per step, and the AMP `found_inf` flag (a device-side skip, see train.apply_update)
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    extra = {"fused": True} if device_type in _get_fused_kernels_supported_devices() else {}
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **extra)

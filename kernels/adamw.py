@@ -25,6 +25,12 @@ and numel is a multiple of 16, which lets the compiler use 128-bit loads; the ra
 not (a view at an odd offset, an odd-sized bias) goes into a second launch compiled without the
 alignment hints.
 
+Skipping an update on the device: `found_inf` (a 0-d fp32 device tensor, torch's AMP protocol, so
+`torch.amp.GradScaler` and the trainer use it as they use torch's fused AdamW) is read by every program;
+where it is nonzero each tensor counts as empty, every load and store is masked off, p, m and v stay untouched and the host never
+waits for the flag. The step counts live on the host and cannot see it: they advance, and a caller that
+learns the step was skipped calls `undo_step_count()`.
+
 Limits: params, m, v fp32 and contiguous; grads fp32, bf16 or fp16 (made contiguous if needed;
 sparse grads are rejected). Unsupported torch options (amsgrad, maximize, foreach, capturable,
 differentiable, fused) raise ValueError. The Triton interpreter dereferences int64 addresses of
@@ -63,7 +69,8 @@ def _f64(row_ptr, col: tl.constexpr):
 
 
 @triton.jit
-def _adamw_kernel(table_ptr, blocks_ptr, base_ptr, grad_base_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_kernel(table_ptr, blocks_ptr, base_ptr, grad_base_ptr, found_inf_ptr, ALIGNED: tl.constexpr,
+                  BLOCK: tl.constexpr):
     # base_ptr: any fp32 tensor on the device; grad_base_ptr: any tensor of the grads' dtype. The
     # table holds each tensor's element offset from these bases, so addresses keep the pointer
     # arguments' 16-byte divisibility and the loads vectorise (an int64 -> pointer cast would lose it).
@@ -76,6 +83,7 @@ def _adamw_kernel(table_ptr, blocks_ptr, base_ptr, grad_base_ptr, ALIGNED: tl.co
     m_off = tl.load(row + 2)
     v_off = tl.load(row + 3)
     n = tl.load(row + 4)
+    n = n * (tl.load(found_inf_ptr) == 0).to(tl.int64)  # a skipped step: no elements, nothing read or written
     if ALIGNED:
         # host checked: 16-byte aligned tensors, numel % 16 == 0 -> 128-bit loads, uniform masks
         p_off = tl.multiple_of(p_off, 16)
@@ -154,7 +162,7 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 64 == 0 for t in tensors) and tensors[0].numel() % 16 == 0
 
 
-def _launch(params, grads, exp_avgs, exp_avg_sqs, scalars, aligned: bool) -> None:
+def _launch(params, grads, exp_avgs, exp_avg_sqs, scalars, aligned: bool, found_inf: torch.Tensor) -> None:
     """One launch over the given tensors (same device, same grad dtype, same alignment class)."""
     device = params[0].device
     base, grad_base = params[0], grads[0]
@@ -166,7 +174,8 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, scalars, aligned: bool) -> Non
     block = INTERPRET_BLOCK if interpreting() else BLOCK
     blocks, nb = _block_table(tuple(p.numel() for p in params), device, block)
     count_launch("adamw")
-    _adamw_kernel[(nb,)](table, blocks, base, grad_base, ALIGNED=aligned, BLOCK=block, num_warps=NUM_WARPS)
+    _adamw_kernel[(nb,)](table, blocks, base, grad_base, found_inf, ALIGNED=aligned, BLOCK=block,
+                         num_warps=NUM_WARPS)
 
 
 def _check_tensors(params, grads, exp_avgs, exp_avg_sqs) -> None:
@@ -200,8 +209,10 @@ def _per_tensor_scalars(lr, wd, beta1, beta2, eps, step) -> list[float]:
 @on_tensor_device
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                exp_avg_sqs: list[torch.Tensor], lrs: list[float], weight_decays: list[float],
-               beta1s: list[float], beta2s: list[float], epss: list[float], steps: list[float]) -> None:
-    """One AdamW step over tensor lists; `steps` are the step counts after this step's increment."""
+               beta1s: list[float], beta2s: list[float], epss: list[float], steps: list[float],
+               found_inf: torch.Tensor | None = None) -> None:
+    """One AdamW step over tensor lists; `steps` are the step counts after this step's increment. Where
+    `found_inf` (0-d, on the params' device) is nonzero the kernel changes nothing."""
     if not params:
         return
     _check_tensors(params, grads, exp_avgs, exp_avg_sqs)
@@ -218,12 +229,24 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
         cls[2].append(m)
         cls[3].append(v)
         cls[4].append(_per_tensor_scalars(lrs[i], weight_decays[i], beta1s[i], beta2s[i], epss[i], steps[i]))
-    for (_, _, aligned), (ps, gs, ms, vs, sc) in classes.items():
-        _launch(ps, gs, ms, vs, sc, aligned)
+    for (device, _, aligned), (ps, gs, ms, vs, sc) in classes.items():
+        skip = _no_skip(device) if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
+        _launch(ps, gs, ms, vs, sc, aligned, skip)
+
+
+_NO_SKIP: dict = {}
+
+
+def _no_skip(device: torch.device) -> torch.Tensor:
+    """A zero found_inf flag per device, allocated once."""
+    if device not in _NO_SKIP:
+        _NO_SKIP[device] = torch.zeros((), dtype=torch.float32, device=device)
+    return _NO_SKIP[device]
 
 
 @adamw_step.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps) -> None:
+def _(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps,
+      found_inf=None) -> None:
     return None
 
 
@@ -242,6 +265,8 @@ class FusedAdamW(torch.optim.Optimizer):
     """
 
     _UNSUPPORTED = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused")
+    # torch.amp.GradScaler (and the trainer) hand over `found_inf` / `grad_scale` instead of syncing
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
@@ -316,10 +341,20 @@ class FusedAdamW(torch.optim.Optimizer):
                 epss.append(float(group["eps"]))
         if not params:
             return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:  # GradScaler.step without unscale_: the grads are still scaled
+            grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
         torch._foreach_add_(step_ts, 1.0)
+        self._counted = step_ts  # what undo_step_count takes back
         steps = [float(s) for s in step_ts]
-        adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps)
+        adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps, getattr(self, "found_inf", None))
         return loss
+
+    def undo_step_count(self) -> None:
+        """Take back the last step's count increments: for a step that `found_inf` skipped on the device."""
+        counted, self._counted = getattr(self, "_counted", []), []
+        if counted:
+            torch._foreach_sub_(counted, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,10 +380,10 @@ def adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decay
 @register_builds
 def _builds() -> list[Build]:
     sig = {"table_ptr": "*i64", "blocks_ptr": "*i64", "base_ptr": "*fp32", "grad_base_ptr": "*fp32",
-           "ALIGNED": "constexpr", "BLOCK": "constexpr"}
+           "found_inf_ptr": "*fp32", "ALIGNED": "constexpr", "BLOCK": "constexpr"}
     # every pointer argument is a torch allocation: 16-byte aligned (the launcher only passes
     # aligned bases with ALIGNED=True)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
     out = []
     for gdt in ("fp32", "bf16"):
         for aligned in (True, False):
