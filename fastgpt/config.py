@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -85,6 +86,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     compile: bool = False
     kernels: str = "auto"
+    dtype: str = "auto"  # autocast dtype: auto = bf16 on GPUs that have it, else fp16 + loss scaling; fp32 on CPU
+    spike_guard: float = 3.0  # skip an update whose loss exceeds this x the recent mean loss; 0: off
 
     @classmethod
     def field_names(cls) -> list[str]:

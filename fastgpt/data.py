@@ -243,8 +243,9 @@ class ShardLoader:
     """(x, y) batches of shape (B, T) from one split, strided across DDP ranks (see module docstring)."""
 
     def __init__(self, data_root: str | Path, split: str, B: int, T: int, rank: int = 0, world: int = 1,
-                 vocab_size: int = 50257, verbose: bool = True):
+                 vocab_size: int = 50257, verbose: bool = True, pin_memory: bool = False):
         self.B, self.T, self.rank, self.world = B, T, rank, world
+        self.pin_memory = pin_memory  # page-locked batches: a non_blocking copy to the GPU is then asynchronous
         self.paths = find_shards(data_root, split)
         if verbose:
             print(f"found {len(self.paths)} shards for split {split}")
@@ -264,6 +265,8 @@ class ShardLoader:
         self.next += self.world
         n = self.B * self.T
         buf = torch.from_numpy(self.shards[shard][pos:pos + n + 1].astype(np.int64))
+        if self.pin_memory:
+            buf = buf.pin_memory()
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
     def reset(self) -> None:

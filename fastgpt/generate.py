@@ -6,6 +6,8 @@ tokens, exactly what the cache-free path feeds the model, so both give the same 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -64,18 +66,25 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
     out = idx
     cache: KVCache | None = None
     dtype = next(model.parameters()).dtype
-    for _ in range(max_new_tokens):
-        if not use_cache:
-            logits, _ = model(out[:, -block:])
-        elif cache is None or cache.pos >= block:
-            ctx = out[:, -block:]
-            # (Re)fill from the last block_size tokens; the cache spans the whole position table.
-            cache = KVCache(cfg, out.shape[0], block, out.device, dtype)
-            logits, _ = model(ctx, kv_cache=cache)
-        else:
-            logits, _ = model(out[:, -1:], kv_cache=cache)
-        nxt = _pick(logits[:, -1, :], temperature, top_k, generator)
-        out = torch.cat([out, nxt.to(out.dtype)], dim=1)
+    # The prompt's ids are checked once: every later id is sampled from the vocabulary, and the model's
+    # own check would cost a GPU->CPU sync per generated token.
+    checked = contextlib.nullcontext()
+    if hasattr(model, "ids_checked"):
+        model._check_input(idx[:, -block:])  # what the model is fed
+        checked = model.ids_checked()
+    with checked:
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = model(out[:, -block:])
+            elif cache is None or cache.pos >= block:
+                ctx = out[:, -block:]
+                # (Re)fill from the last block_size tokens; the cache spans the whole position table.
+                cache = KVCache(cfg, out.shape[0], block, out.device, dtype)
+                logits, _ = model(ctx, kv_cache=cache)
+            else:
+                logits, _ = model(out[:, -1:], kv_cache=cache)
+            nxt = _pick(logits[:, -1, :], temperature, top_k, generator)
+            out = torch.cat([out, nxt.to(out.dtype)], dim=1)
     return out
 
 

@@ -7,6 +7,7 @@ reference; this file never imports triton.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
+        # Range-check token ids each forward. The check reads them on the host, a GPU->CPU sync per forward:
+        # the trainer turns it off (its loaders checked every shard), generation after the prompt.
+        self.check_ids = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
@@ -141,9 +145,10 @@ class GPT(nn.Module):
             raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
         # The range check costs a GPU->CPU sync per forward: training skips it on CUDA, where the
         # loader has already checked every shard's ids (fastgpt.data); inference keeps it.
-        if torch.compiler.is_compiling() or idx.numel() == 0 or (idx.is_cuda and torch.is_grad_enabled()):
+        if (torch.compiler.is_compiling() or idx.numel() == 0 or not self.check_ids
+                or (idx.is_cuda and torch.is_grad_enabled())):
             return
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one read for both ends
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
@@ -218,6 +223,15 @@ class GPT(nn.Module):
         from .hf import save_pretrained
 
         save_pretrained(self, path)
+
+    @contextlib.contextmanager
+    def ids_checked(self):
+        """Inside, forward skips the token-id range check: for ids already checked or sampled by the model."""
+        before, self.check_ids = self.check_ids, False
+        try:
+            yield
+        finally:
+            self.check_ids = before
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

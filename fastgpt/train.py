@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
-from .config import KERNEL_CHOICES, PRESETS, GPTConfig, TrainConfig
+from .config import DTYPE_CHOICES, KERNEL_CHOICES, PRESETS, GPTConfig, TrainConfig
 from .data import DEFAULT_DATA_ROOT, DataError, ShardLoader, prepare_default_data
 from .model import GPT
 
@@ -35,7 +35,10 @@ from .model import GPT
 # and finishes 200 steps in minutes (the GPU defaults would need hours there).
 CPU_DEFAULTS = dict(model="tiny", total_batch_size=1024, micro_batch_size=8, seq_len=128, max_lr=2e-3,
                     warmup_steps=10, max_steps=200, eval_interval=25, eval_steps=4, checkpoint_interval=50)
-MAX_NONFINITE = 3  # consecutive skipped updates before giving up
+MAX_NONFINITE = 3  # consecutive skipped updates (non-finite loss or norm, or loss spikes) before giving up
+MAX_OVERFLOWS = 30  # consecutive fp16 loss-scaler skips before giving up: the scale has fallen by 2^30 by then
+SPIKE_WINDOW = 20  # the spike guard compares a loss with the mean of this many recent accepted losses,
+SPIKE_MIN_HISTORY = 10  # once it has seen at least this many
 
 
 def _cpu_defaults_for_world(changed: dict, world: int, seq_len: int) -> tuple[dict, str]:
@@ -79,6 +82,10 @@ HELP = {
     "grad_clip": "clip the global gradient norm to this (0: no clipping)",
     "compile": "torch.compile the model",
     "kernels": "auto (Triton on CUDA), triton or torch",
+    "dtype": "autocast precision: auto (bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on "
+             "CPU), bf16, fp16 or fp32",
+    "spike_guard": f"skip an update whose loss exceeds K x the mean of the last {SPIKE_WINDOW} accepted losses; "
+                   f"{MAX_NONFINITE} in a row stop the run (0: off)",
 }
 
 
@@ -96,6 +103,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
             p.add_argument("--compile", action="store_true", default=None, help=HELP[f.name])
         elif f.name == "kernels":
             p.add_argument("--kernels", choices=KERNEL_CHOICES, default=None, help=f"{HELP[f.name]} [{d}]")
+        elif f.name == "dtype":
+            p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=f"{HELP[f.name]} [{d}]")
         elif f.name == "device":
             p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help=f"{HELP[f.name]} [{d}]")
         elif f.name == "model":
@@ -144,6 +153,24 @@ def grad_accum_steps(cfg: TrainConfig, world: int) -> int:
     return cfg.total_batch_size // per
 
 
+def choose_dtype(requested: str, device_type: str, bf16_supported: bool = False, gpu: str = "this GPU") -> str:
+    """The autocast dtype of a run, "bf16", "fp16" (with loss scaling) or "fp32", from what the device reports
+    (pure, so the rule is tested without a GPU). auto: bf16 on a GPU that has it (compute capability >= 8.0),
+    fp16 on older GPUs, fp32 on CPU, where autocast would only add casts. An explicit bf16 on a GPU without
+    bf16 is an error (it would be emulated, slowly); bf16 and fp16 on CPU are allowed (fp16 for testing)."""
+    if requested not in DTYPE_CHOICES:
+        raise TrainError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {requested!r}")
+    if requested == "auto":
+        return ("bf16" if bf16_supported else "fp16") if device_type == "cuda" else "fp32"
+    if requested == "bf16" and device_type == "cuda" and not bf16_supported:
+        raise TrainError(f"--dtype bf16: {gpu} has no bf16 support (it needs compute capability 8.0 or newer); "
+                         f"use --dtype fp16 (loss-scaled) or --dtype auto, which picks fp16 here")
+    return requested
+
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _to_cpu(obj, _seen=None):
     """CPU copies of every tensor in obj. Tensors that alias one another (the tied wte/lm_head
     weight) map to one copy, so torch.save writes their storage once, as it does on CPU."""
@@ -159,6 +186,26 @@ def _to_cpu(obj, _seen=None):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v, seen) for v in obj)
     return obj
+
+
+def attention_configs() -> list[dict]:
+    """The attention launch configs this process chose (kernels.attention_configs), for the checkpoint; none
+    when the kernels were never imported (no Triton attention ran)."""
+    read = getattr(sys.modules.get("kernels"), "attention_configs", None)
+    return list(read()) if read is not None else []
+
+
+def install_attention_configs(entries) -> int:
+    """Launch attention with these recorded configs instead of autotuning afresh (kernels.install_attention_
+    configs): a resumed run uses the very kernels the checkpointed one did. Returns how many were installed."""
+    if not entries:
+        return 0
+    try:
+        import kernels
+    except Exception:  # no triton here: nothing to install into (the run uses PyTorch attention)
+        return 0
+    install = getattr(kernels, "install_attention_configs", None)
+    return int(install(entries)) if install is not None else 0
 
 
 class StopRequest:
@@ -261,7 +308,13 @@ class StepResult:
     norm: float
     lr: float
     dt: float
-    finite: bool
+    skip: str = ""  # why the update was skipped: "nonfinite", "overflow" (fp16 loss scaler), "spike"; "": applied
+    note: str = ""  # what the log line says about a skipped update
+    stop: bool = False  # under DDP: some rank was asked to stop (its flag rode on the loss all-reduce)
+
+    @property
+    def finite(self) -> bool:
+        return self.skip not in ("nonfinite", "overflow")
 
 
 class Trainer:
@@ -288,7 +341,7 @@ class Trainer:
         self.log_file = self.log_dir / "log.txt"
         self.start_step = 0
         self.last_val: float | None = None
-        self.bad_in_row = 0
+        self.resolve_step_options()
 
     # --------------------------------------------------------------------------------------------
     # Setup
@@ -336,7 +389,7 @@ class Trainer:
             if self.ddp:
                 dist.barrier()
         self.train_loader = ShardLoader(cfg.data_root, "train", B, T, self.rank, self.world, self.gcfg.vocab_size,
-                                        verbose=self.master)
+                                        verbose=self.master, pin_memory=self.cuda)
         # One sequence per chunk: rank r evaluates sequences r, r + world, ... of the same eval set.
         self.val_loader = ShardLoader(cfg.data_root, "val", 1, T, self.rank, self.world, self.gcfg.vocab_size,
                                       verbose=self.master)
@@ -361,8 +414,31 @@ class Trainer:
                  f"{self.world} rank(s) | {cfg.total_batch_size:,} tokens per step = {cfg.micro_batch_size} x "
                  f"{cfg.seq_len} x {self.world} x {self.accum} accumulation")
 
+    def resolve_step_options(self) -> None:
+        """Precision (dtype, fp16 loss scaler), the spike guard and the divergence counters."""
+        cfg = self.cfg
+        bf16, gpu = False, "this GPU"
+        if self.cuda:
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            major, minor = torch.cuda.get_device_capability(self.device)
+            gpu = f"{torch.cuda.get_device_name(self.device)} (compute capability {major}.{minor})"
+        self.dtype = choose_dtype(cfg.dtype, self.device.type, bf16, gpu)
+        # fp16's narrow range needs the loss scaled up for backward (and the gradients unscaled before clipping)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
+        why = " (auto)" if cfg.dtype == "auto" else ""
+        self.log(f"dtype: {self.dtype}{why}{' with loss scaling' if self.scaler else ''}")
+        if not (cfg.spike_guard == 0 or cfg.spike_guard > 1) or not math.isfinite(cfg.spike_guard):
+            raise TrainError(f"--spike_guard must be 0 (off) or a factor above 1, got {cfg.spike_guard}")
+        self.recent_losses: list[float] = []  # accepted steps' losses, for the spike guard
+        self.skips_in_row: dict[str, int] = {}  # consecutive skipped updates by kind, reset by an applied one
+        self.last_healthy: Path | None = None  # the newest checkpoint this run wrote
+        self.stop = None  # the StopRequest, while run() loops
+        self.stop_all = False  # under DDP: the stop flag all ranks agreed on at the last step
+        self.raw.check_ids = False  # the loaders checked every token id; the model's check would sync per forward
+
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        dtype = _AUTOCAST.get(self.dtype)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     # --------------------------------------------------------------------------------------------
     # Resume, wrap
@@ -381,6 +457,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["loader"])
         ckpt_io.set_rng_state(state["rng"])
+        self.load_step_state(state)
         self.start_step, self.last_val = int(state["step"]), state.get("val_loss")
         vl = f", val loss {self.last_val:.4f}" if self.last_val is not None else ""
         self.log(f"resuming from {path} (step {self.start_step}{vl})")
@@ -394,11 +471,40 @@ class Trainer:
 
             self.model = DDP(self.core, device_ids=[self.device.index] if self.cuda else None)
 
+    def warm_up_kernels(self) -> None:
+        """On CUDA, one forward/backward of a dummy batch before step 0's timer: Triton compiles its kernels and
+        autotunes attention here (torch.compile too), so step 0's dt is a real step. The batch goes through no
+        optimizer; grads are dropped and the RNG restored, so training is unchanged. Under DDP every rank then
+        launches rank 0's attention configs."""
+        if not self.cuda:
+            return
+        t0 = time.perf_counter()
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+        x = torch.zeros((self.cfg.micro_batch_size, self.cfg.seq_len), dtype=torch.long, device=self.device)
+        self.model.train()
+        with self.model.no_sync() if self.ddp else contextlib.nullcontext():
+            with self.autocast():
+                _, loss = self.model(x, x, return_logits=False)
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state(rng[1], self.device)
+        if self.ddp and attention_configs():
+            table = [attention_configs() if self.master else None]
+            dist.broadcast_object_list(table, src=0)
+            if not self.master:
+                install_attention_configs(table[0])
+        torch.cuda.synchronize(self.device)
+        self.log(f"kernel warm-up (compile and autotune) took {time.perf_counter() - t0:.1f}s")
+
     # --------------------------------------------------------------------------------------------
     # One step, evaluation, checkpoint
     # --------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> StepResult:
-        """accum micro-steps of forward/backward, clip, then update unless the loss or norm is non-finite."""
+        """accum micro-steps of forward/backward, clip, then the update, skipped on the device when the loss or
+        gradient norm is non-finite or the loss spikes (weights and optimizer state unchanged). The host reads
+        the device once per step, after the update: loss, norm and flags in one transfer, which also ends the
+        step's timing (it waits for the GPU to finish the step)."""
         t0 = time.perf_counter()
         cfg, model, optimizer = self.cfg, self.model, self.optimizer
         model.train()
@@ -414,42 +520,109 @@ class Trainer:
                     _, loss = model(x, y, return_logits=False)
                 loss = loss / self.accum
                 loss_sum += loss.detach().float()
-                loss.backward()
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        stop = torch.zeros((), device=self.device)
         if self.ddp:
-            dist.all_reduce(loss_sum)
-            loss_sum /= self.world
+            # One all-reduce carries the loss and each rank's stop flag (a signal may reach some ranks only).
+            asked = self.stop is not None and self.stop.requested
+            packed = torch.stack([loss_sum, torch.full((), float(asked), device=self.device)])
+            dist.all_reduce(packed)
+            loss_sum, stop = packed[0] / self.world, packed[1]
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # clip (and log) the true gradient norm
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss_val, norm_val = loss_sum.item(), norm.item()
-        finite = math.isfinite(loss_val) and math.isfinite(norm_val)
-        if finite:
-            optimizer.step()
+        finite = torch.isfinite(loss_sum) & torch.isfinite(norm)
+        limit = self.spike_limit()
+        spike = loss_sum > limit
+        self.apply_update(~finite | spike)
+        scale = torch.zeros((), device=self.device)
+        if self.scaler is not None:
+            self.scaler.update()  # halves the scale after an overflow, grows it after a run of good steps
+            scale = self.scaler._get_scale_async()  # the device tensor get_scale() would read on its own
+        # The one host read of the step.
+        loss_v, norm_v, finite_v, spike_v, stop_v, scale_v = torch.stack(
+            [loss_sum, norm.float(), finite.float(), spike.float(), stop, scale.to(self.device)]).tolist()
+        dt = time.perf_counter() - t0
+        skip, note = "", ""
+        if not finite_v and self.scaler is not None and math.isfinite(loss_v):
+            skip, note = "overflow", f"skipped by the fp16 loss scaler: gradient overflow, loss scale now {scale_v:g}"
+        elif not finite_v:
+            skip, note = "nonfinite", "skipped: non-finite loss or gradient norm, weights unchanged"
+        elif spike_v:
+            skip, note = "spike", (f"skipped: loss spike, above {cfg.spike_guard:g} x the recent mean "
+                                   f"{limit / cfg.spike_guard:.4f}; weights unchanged")
+        if skip:
+            # FusedAdamW counts steps on the host, which cannot see the device-side skip: it is told now
+            undo = getattr(getattr(optimizer, "optim", optimizer), "undo_step_count", None)
+            if undo is not None:
+                undo()
         else:
-            optimizer.zero_grad(set_to_none=True)
-        if self.cuda:
-            torch.cuda.synchronize()
-        return StepResult(step, loss_val, norm_val, lr, time.perf_counter() - t0, finite)
+            self.recent_losses = (self.recent_losses + [loss_v])[-SPIKE_WINDOW:]
+        self.stop_all = stop_v > 0
+        return StepResult(step, loss_v, norm_v, lr, dt, skip, note, self.stop_all)
+
+    def spike_limit(self) -> float:
+        """Losses above this are spikes: spike_guard x the mean of the recent accepted losses (inf while the
+        guard is off or has seen too few). Computed on the host from losses it has already read, so the
+        comparison itself runs on the device."""
+        h = self.recent_losses
+        if self.cfg.spike_guard <= 0 or len(h) < SPIKE_MIN_HISTORY:
+            return math.inf
+        return self.cfg.spike_guard * sum(h) / len(h)
+
+    def apply_update(self, skip: torch.Tensor) -> None:
+        """optimizer.step(), a no-op where the device flag `skip` holds. The flag goes in as `found_inf`, the
+        AMP protocol of torch's fused AdamW and of kernels.FusedAdamW: the update kernels read it on the
+        device, so the host never waits for it."""
+        opt = self.optimizer
+        inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer steps the optimizer it wraps
+        if getattr(inner, "_step_supports_amp_scaling", False):
+            inner.found_inf, inner.grad_scale = skip.float(), None
+            try:
+                opt.step()
+            finally:
+                del inner.found_inf, inner.grad_scale
+        elif not bool(skip):  # an optimizer without found_inf costs one more host read per step
+            opt.step()
 
     def log_step(self, r: StepResult) -> None:
         line = (f"step {r.step} | loss: {r.loss:.4f} | lr: {r.lr:.6f} | norm: {r.norm:.4f} | "
                 f"dt: {r.dt * 1000:.0f}ms | tok/s: {self.cfg.total_batch_size / r.dt:,.0f}")
-        if not r.finite:
-            line += " | skipped: non-finite loss or gradient norm, weights unchanged"
+        if r.note:
+            line += f" | {r.note}"
         self.log(line)
         if self.master:
             with open(self.log_file, "a") as f:
                 f.write(f"{r.step} train {r.loss!r} norm {r.norm!r} lr {r.lr!r}\n")
 
     def check_divergence(self, r: StepResult) -> None:
-        self.bad_in_row = 0 if r.finite else self.bad_in_row + 1
-        if self.bad_in_row >= MAX_NONFINITE:
-            raise TrainError(f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm; the run "
-                             f"is diverging. Lower the learning rate (e.g. --max_lr {self.cfg.max_lr / 2:g}) and "
-                             f"resume from the last checkpoint in {self.log_dir}, or start over with a new "
-                             f"--log_dir.")
+        """Stop the run when updates keep being skipped: MAX_NONFINITE in a row for non-finite losses or loss
+        spikes, MAX_OVERFLOWS for fp16 overflows (the loss scaler finds its scale through a few of those)."""
+        if not r.skip:
+            self.skips_in_row.clear()
+            return
+        n = self.skips_in_row[r.skip] = self.skips_in_row.get(r.skip, 0) + 1
+        if n < (MAX_OVERFLOWS if r.skip == "overflow" else MAX_NONFINITE):
+            return
+        what = {"nonfinite": "had a non-finite loss or gradient norm",
+                "spike": f"had a loss spike (above {self.cfg.spike_guard:g} x the recent mean loss)",
+                "overflow": "overflowed in fp16 although the loss scaler kept lowering its scale"}[r.skip]
+        extra = (" If the data changed on purpose (a new dataset or task), the guard is comparing with the old "
+                 "losses: pass --spike_guard 0 for the first steps." if r.skip == "spike" else "")
+        raise TrainError(f"{n} steps in a row {what}; the run is diverging. Lower the learning rate (e.g. "
+                         f"--max_lr {self.cfg.max_lr / 2:g}) and {self.resume_advice()}.{extra}")
+
+    def resume_advice(self) -> str:
+        """How to go on after a divergence: from the newest healthy checkpoint, named."""
+        path = self.last_healthy or getattr(self, "resumed_from", None)
+        if path is None:
+            return f"start over (no healthy checkpoint was written yet): remove {self.log_dir} or pass a new --log_dir"
+        return (f"resume from the newest healthy checkpoint, {path}: run the same command with "
+                f"--resume_from {path} and the lower --max_lr")
 
     def evaluate(self) -> float:
         """Mean validation loss over the first eval_steps x eval_batch sequences of the val split, whatever
@@ -492,10 +665,67 @@ class Trainer:
             "rng": ckpt_io.rng_state(),
             "train_config": asdict(self.cfg),
             "world_size": self.world,
+            **self.step_state(),
         }
 
-    def save(self, step: int) -> Path:
-        """Rank 0 writes model_{step}.pt atomically and applies --keep_checkpoints; all ranks wait for it."""
+    def step_state(self) -> dict:
+        """What the step adds to a checkpoint: the fp16 loss scaler, the spike guard's history and counters, and
+        the attention configs this process launched (the resumed process launches the same ones)."""
+        return {
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "guard": {"recent_losses": list(self.recent_losses), "skips_in_row": dict(self.skips_in_row)},
+            "attention_configs": attention_configs(),
+        }
+
+    def load_step_state(self, state: dict) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        guard = state.get("guard") or {}
+        self.recent_losses = [float(v) for v in guard.get("recent_losses", [])][-SPIKE_WINDOW:]
+        self.skips_in_row = {str(k): int(v) for k, v in guard.get("skips_in_row", {}).items()}
+        n = install_attention_configs(state.get("attention_configs"))
+        if n:
+            self.log(f"attention: launching the {n} kernel configs recorded in the checkpoint (no autotuning)")
+
+    def unhealthy(self) -> str | None:
+        """Why the current state must not become a checkpoint (None: it may): a non-finite last step, val loss,
+        weight or optimizer tensor, or a loss far above what uniform guessing scores (weights blown up while
+        still finite). One host read (plus one all-reduce under DDP), at checkpoint time only."""
+        if self.skips_in_row.get("nonfinite"):
+            return "the last step had a non-finite loss or gradient norm"
+        uniform = math.log(self.gcfg.vocab_size)  # a fresh model's loss; no model that learned anything is at 2x
+        last = self.recent_losses[-1] if self.recent_losses else None
+        for what, v in (("val loss", self.last_val), ("last applied step's loss", last)):
+            if v is not None and not math.isfinite(v):
+                return f"the {what} is {v}"
+            if v is not None and v > 2 * uniform:
+                return f"the {what} {v:.4g} is far above a uniform guess's {uniform:.2f}: the weights have blown up"
+        named = [(f"weight {n}", p) for n, p in self.raw.named_parameters()]
+        opt = getattr(self.optimizer, "optim", self.optimizer)
+        named += [(f"optimizer {k} of tensor {i}", t) for i, st in enumerate(opt.state.values())
+                  for k, t in st.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        local = [t.to_local() if hasattr(t, "to_local") else t for _, t in named]  # a sharded tensor's own part
+        ok = torch.stack([torch.isfinite(t.detach()).all().to(self.device) for t in local])
+        bad = (~ok).sum()
+        if self.ddp:  # each rank checks what it holds (sharded optimizer states differ)
+            dist.all_reduce(bad)
+        flags = torch.cat([ok.float(), bad.float().view(1)]).tolist()
+        if flags[-1] == 0:
+            return None
+        names = [name for (name, _), f in zip(named, flags[:-1]) if not f] or ["tensors of another rank"]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return f"non-finite values in {', '.join(names[:3])}{more}"
+
+    def save(self, step: int) -> Path | None:
+        """Rank 0 writes model_{step}.pt atomically and applies --keep_checkpoints; all ranks wait for it.
+        An unhealthy state (see `unhealthy`) is never written: returns None and deletes nothing, so retention
+        never removes the newest healthy checkpoint."""
+        problem = self.unhealthy()
+        if problem:
+            path = self.last_healthy or getattr(self, "resumed_from", None)
+            self.log(f"not writing a checkpoint at step {step}: {problem}. "
+                     f"{f'The newest healthy one is {path}' if path else 'No healthy checkpoint exists yet'}.")
+            return None
         p = ckpt_io.checkpoint_path(self.log_dir, step)
         if self.master:
             ckpt_io.save_atomic(self.checkpoint_state(step), p)
@@ -505,15 +735,13 @@ class Trainer:
                         old.unlink(missing_ok=True)
         if self.ddp:
             dist.barrier()
+        self.last_healthy = p
         return p
 
     def stop_requested(self, stop: "StopRequest") -> bool:
-        stopping = stop.requested
-        if self.ddp:  # a signal may reach some ranks only; all must stop at the same step
-            flag = torch.tensor(float(stopping), device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
-        return stopping
+        if self.ddp:  # a signal may reach some ranks only; all must stop at the same step: the flag they
+            return self.stop_all  # agreed on in the last step's all-reduce (no extra sync per step)
+        return stop.requested
 
     # --------------------------------------------------------------------------------------------
     # The loop
@@ -526,9 +754,11 @@ class Trainer:
                      f"nothing to do (raise --max_steps to train further)")
             return 0
         self.wrap_model()
+        self.warm_up_kernels()
         if self.master:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         with StopRequest() as stop:
+            self.stop = stop
             for step in range(self.start_step, cfg.max_steps):
                 r = self.train_step(step)
                 self.log_step(r)
@@ -540,9 +770,11 @@ class Trainer:
                 if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or stopping:
                     p = self.save(done)
                     if stopping:
-                        self.log(f"stopped at step {done}: checkpoint saved to {p}. Run the same command to resume.")
+                        saved = f"checkpoint saved to {p}" if p else "no checkpoint written (see above)"
+                        self.log(f"stopped at step {done}: {saved}. Run the same command to resume.")
                         return 0
-                    self.log(f"saved checkpoint {p}")
+                    if p:
+                        self.log(f"saved checkpoint {p}")
         return 0
 
 

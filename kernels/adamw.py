@@ -36,6 +36,12 @@ and numel is a multiple of 16, which lets the compiler use 128-bit loads; the ra
 not (a view at an odd offset, an odd-sized bias) goes into a second launch compiled without the
 alignment hints.
 
+Skipping an update on the device: `found_inf` (a 0-d fp32 device tensor, torch's AMP protocol, so
+`torch.amp.GradScaler` and the trainer use it as they use torch's fused AdamW) is read by every program;
+where it is nonzero each tensor counts as empty: every load and store is masked off, p, m and v stay
+untouched and the host never waits for the flag. The step counts live on the host and cannot see it:
+they advance, and a caller that learns the step was skipped calls `undo_step_count()`.
+
 Limits: params, m, v fp32 and contiguous; grads fp32, bf16 or fp16 (made contiguous if needed;
 sparse grads are rejected). Unsupported torch options (amsgrad, maximize, foreach, capturable,
 differentiable, fused) raise ValueError. The Triton interpreter dereferences int64 addresses of
@@ -72,7 +78,7 @@ _HYPER = 5  # fp64 columns of the hyperparameter table: lr, weight_decay, beta1,
 
 
 @triton.jit(do_not_specialize=["step_delta"])  # one compiled kernel for every step count
-def _adamw_kernel(table_ptr, goffs_ptr, blocks_ptr, hyper_ptr, base_ptr, grad_base_ptr, step_delta,
+def _adamw_kernel(table_ptr, goffs_ptr, blocks_ptr, hyper_ptr, base_ptr, grad_base_ptr, found_inf_ptr, step_delta,
                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     # base_ptr: any fp32 tensor on the device; grad_base_ptr: any tensor of the grads' dtype. The
     # table holds each tensor's element offset from these bases, so addresses keep the pointer
@@ -86,6 +92,7 @@ def _adamw_kernel(table_ptr, goffs_ptr, blocks_ptr, hyper_ptr, base_ptr, grad_ba
     m_off = tl.load(row + 2)
     v_off = tl.load(row + 3)
     n = tl.load(row + 4)
+    n = n * (tl.load(found_inf_ptr) == 0).to(tl.int64)  # a skipped step: no elements, nothing read or written
     hyper = hyper_ptr + tl.load(row + 5) * 5
     if ALIGNED:
         # host checked: 16-byte aligned tensors, numel % 16 == 0 -> 128-bit loads, uniform masks
@@ -239,7 +246,8 @@ def _step_delta(plan: _Plan, steps: list[float]) -> int | None:
     return int(d)
 
 
-def _run(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps) -> None:
+def _run(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps,
+         found_inf: torch.Tensor | None = None) -> None:
     """Find (or build) the plan of these tensors, refresh what changed, launch once per class."""
     device = params[0].device
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
@@ -280,11 +288,23 @@ def _run(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2
                 _STATS["grad_moves"] += 1
                 cls.goffs = _to_device(goffs, torch.int64, device)
                 cls.goffs_host = goffs
+    skip = _no_skip(device) if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
     for cls in plan.classes:
         # Offsets are from the class's first param and grad: those of this call (the key's addresses).
         count_launch("adamw")
         _adamw_kernel[(cls.nb,)](cls.table, cls.goffs, cls.blocks, plan.hyper, params[cls.idx[0]],
-                                 grads[cls.idx[0]], delta, ALIGNED=cls.aligned, BLOCK=block, num_warps=NUM_WARPS)
+                                 grads[cls.idx[0]], skip, delta, ALIGNED=cls.aligned, BLOCK=block,
+                                 num_warps=NUM_WARPS)
+
+
+_NO_SKIP: dict = {}
+
+
+def _no_skip(device: torch.device) -> torch.Tensor:
+    """A zero found_inf flag per device, allocated once."""
+    if device not in _NO_SKIP:
+        _NO_SKIP[device] = torch.zeros((), dtype=torch.float32, device=device)
+    return _NO_SKIP[device]
 
 
 def _check_tensors(params, grads, exp_avgs, exp_avg_sqs) -> None:
@@ -330,8 +350,10 @@ def _per_tensor_scalars(lr, wd, beta1, beta2, eps, step) -> list[float]:
 @on_tensor_device
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                exp_avg_sqs: list[torch.Tensor], lrs: list[float], weight_decays: list[float],
-               beta1s: list[float], beta2s: list[float], epss: list[float], steps: list[float]) -> None:
-    """One AdamW step over tensor lists; `steps` are the step counts after this step's increment."""
+               beta1s: list[float], beta2s: list[float], epss: list[float], steps: list[float],
+               found_inf: torch.Tensor | None = None) -> None:
+    """One AdamW step over tensor lists; `steps` are the step counts after this step's increment. Where
+    `found_inf` (0-d, on the params' device) is nonzero the kernel changes nothing."""
     if not params:
         return
     _check_tensors(params, grads, exp_avgs, exp_avg_sqs)
@@ -340,11 +362,11 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
                            f"{why_not(*params, *grads, *exp_avgs, *exp_avg_sqs)}")
     if len({p.device for p in params}) != 1:
         raise ValueError("FusedAdamW: all params of one step must be on one device")
-    _run(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps)
+    _run(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps, found_inf)
 
 
 @adamw_step.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps) -> None:
+def _(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, epss, steps, found_inf=None) -> None:
     return None
 
 
@@ -363,6 +385,8 @@ class FusedAdamW(torch.optim.Optimizer):
     """
 
     _UNSUPPORTED = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused")
+    # torch.amp.GradScaler (and the trainer) hand over `found_inf` / `grad_scale` instead of syncing
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
@@ -447,11 +471,21 @@ class FusedAdamW(torch.optim.Optimizer):
             vs.append(state["exp_avg_sq"])
             step_ts.append(state["step"])
             hypers.append(hyper)
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:  # GradScaler.step without unscale_: the grads are still scaled
+            grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
         torch._foreach_add_(step_ts, 1.0)  # CPU tensors: no device work
+        self._counted = step_ts  # what undo_step_count takes back
         steps = [float(s) for s in step_ts]
         lrs, wds, b1s, b2s, epss = (list(col) for col in zip(*hypers))
-        adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps)
+        adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps, getattr(self, "found_inf", None))
         return loss
+
+    def undo_step_count(self) -> None:
+        """Take back the last step's count increments: for a step that `found_inf` skipped on the device."""
+        counted, self._counted = getattr(self, "_counted", []), []
+        if counted:
+            torch._foreach_sub_(counted, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,10 +511,11 @@ def adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decay
 @register_builds
 def _builds() -> list[Build]:
     sig = {"table_ptr": "*i64", "goffs_ptr": "*i64", "blocks_ptr": "*i64", "hyper_ptr": "*fp64", "base_ptr": "*fp32",
-           "grad_base_ptr": "*fp32", "step_delta": "i32", "ALIGNED": "constexpr", "BLOCK": "constexpr"}
+           "grad_base_ptr": "*fp32", "found_inf_ptr": "*fp32", "step_delta": "i32", "ALIGNED": "constexpr",
+           "BLOCK": "constexpr"}
     # every pointer argument is a torch allocation: 16-byte aligned (the launcher only passes
     # aligned bases with ALIGNED=True)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
     out = []
     for gdt in ("fp32", "bf16"):
         for aligned in (True, False):
