@@ -90,9 +90,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         # Scaled in place: the saved gradients are this node's alone, and autograd's version check
         # refuses a second backward through it (retain_graph) instead of reusing scaled values.
+        # The product is formed in fp32: GradScaler's grad_loss (65536 at first) is not representable in fp16.
         dx, dw = ctx.saved_tensors
-        gx = dx.mul_(grad_loss.to(dx.dtype)) if dx is not None else None
-        gw = dw.mul_(grad_loss.to(dw.dtype)) if dw is not None else None
+        gx = dx.copy_(dx.float() * grad_loss) if dx is not None else None
+        gw = dw.copy_(dw.float() * grad_loss) if dw is not None else None
         return gx, gw, None, None, None, None, None, None
 
 

@@ -244,8 +244,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_dx, _grad_dw):
     dx, dw = ctx.saved_tensors
     need_dx, need_dw = ctx.need
-    gx = dx * grad_loss.to(dx.dtype) if need_dx else None
-    gw = dw * grad_loss.to(dw.dtype) if need_dw else None
+    # Scaled in fp32, then cast: GradScaler's grad_loss (65536 at first) is not representable in fp16.
+    gx = (dx.float() * grad_loss).to(dx.dtype) if need_dx else None
+    gw = (dw.float() * grad_loss).to(dw.dtype) if need_dw else None
     return gx, gw, None, None, None, None, None, None, None, None
 
 

@@ -127,3 +127,29 @@ def test_model_uses_it_on_cpu_and_matches_full_logits(mode, monkeypatch):
     assert abs(fused.item() - full.item()) < 1e-5
     for n, p in model.named_parameters():
         torch.testing.assert_close(g_fused[n], p.grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_fp16_activations_take_a_loss_scale_above_fp16_max(path):
+    """GradScaler's first scale, 65536, exceeds fp16's largest value (65504): the gradient of fp16
+    activations must still be 65536 x the unscaled one, not inf."""
+    torch.manual_seed(0)
+    if path == "triton":  # the interpreter (conftest sets TRITON_INTERPRET=1 without a GPU)
+        import kernels
+
+        fn, before = kernels.linear_cross_entropy, kernels.launches("cross_entropy")
+    else:
+        from fastgpt.loss import linear_cross_entropy as fn
+    x = (torch.randn(24, 16) * 0.5).half().requires_grad_()
+    w = (torch.randn(50, 16) * 0.1).requires_grad_()
+    t = torch.randint(0, 50, (24,))
+    grads = []
+    for scale in (1.0, 65536.0):
+        x.grad = w.grad = None
+        (fn(x, w, t) * scale).backward()
+        grads.append((x.grad.float(), w.grad))
+    assert torch.isfinite(grads[1][0]).all() and torch.isfinite(grads[1][1]).all()
+    torch.testing.assert_close(grads[1][0], grads[0][0] * 65536, rtol=2e-3, atol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1] * 65536, rtol=1e-5, atol=0)
+    if path == "triton":
+        assert kernels.launches("cross_entropy") > before
