@@ -419,6 +419,16 @@ def test_dtype_rule():
         choose_dtype("fp8", "cpu")
 
 
+def test_dtype_rule_agrees_with_the_kernels_arch_plan():
+    """bf16 support is compute capability >= 8.0; kernels.arch_plan(capability) names the same default."""
+    import kernels
+
+    if not hasattr(kernels, "arch_plan"):
+        pytest.skip("kernels has no arch_plan yet")
+    for cap in [(7, 0), (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]:
+        assert choose_dtype("auto", "cuda", bf16_supported=cap >= (8, 0)) == kernels.arch_plan(cap).dtype, cap
+
+
 def test_dtype_flag(capsys):
     cfg, given = train.parse_args(["--dtype", "fp16", "--spike_guard", "2.5"])
     assert cfg.dtype == "fp16" and cfg.spike_guard == 2.5 and {"dtype", "spike_guard"} <= given
