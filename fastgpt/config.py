@@ -85,6 +85,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     compile: bool = False
     kernels: str = "auto"
+    resume_from: str | None = None  # a checkpoint file to resume from instead of the newest in log_dir
+    restart: bool = False  # move log_dir's checkpoints aside and start a new run there
+    allow_changed: str = ""  # comma-separated flags (or "data") that may differ from the checkpoint's run
+    dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks before the job ends
 
     @classmethod
     def field_names(cls) -> list[str]:
