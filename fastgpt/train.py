@@ -412,6 +412,7 @@ class Trainer:
                 if dest:
                     self.log(f"--restart: moved the previous run's files to {dest}; starting a new run")
         if self.ddp:
+            self.start_heartbeat()
             dist.barrier()  # rank 0 has moved files; everyone now sees the same checkpoints
         self.step = 0
         if cfg.resume_from:
@@ -639,8 +640,9 @@ class Trainer:
             yield b
 
     # --------------------------------------------------------------------------------------------
-    # A stuck rank: each rank records its last finished step in the process group's store, so the rank
-    # whose collective times out can name the ones that stopped making progress.
+    # A stuck rank: each rank records in the process group's store its last finished step and, from a
+    # background thread, the time it was last alive (a stopped process's threads stop too), so the rank
+    # whose collective times out can name the rank that stopped responding.
     # --------------------------------------------------------------------------------------------
     def _store(self):
         if not hasattr(self, "_pg_store"):
@@ -649,6 +651,25 @@ class Trainer:
             except Exception:  # private API: without it the message names no other rank
                 self._pg_store = None
         return self._pg_store
+
+    def start_heartbeat(self) -> None:
+        import threading
+
+        store = self._store()
+        if store is None or getattr(self, "_alive_thread", None) is not None:
+            return
+        every = min(5.0, self.cfg.dist_timeout / 4)
+
+        def beat():
+            while True:
+                try:
+                    store.set(f"fastgpt/alive/{self.rank}", repr(time.time()))
+                except Exception:
+                    return  # the store is gone: the job is ending
+                time.sleep(every)
+
+        self._alive_thread = threading.Thread(target=beat, name="fastgpt-heartbeat", daemon=True)
+        self._alive_thread.start()
 
     def heartbeat(self) -> None:
         store = self._store()
@@ -659,28 +680,34 @@ class Trainer:
                 pass
 
     def timeout_message(self, e: BaseException) -> str:
-        finished = {}
+        finished, alive = {}, {}
         store = self._store()
         if store is not None:
             try:
                 store.set_timeout(datetime.timedelta(seconds=5))
                 for r in range(self.world):
-                    key = f"fastgpt/finished/{r}"
-                    finished[r] = int(store.get(key)) if store.check([key]) else 0
+                    for table, key in ((finished, f"fastgpt/finished/{r}"), (alive, f"fastgpt/alive/{r}")):
+                        if store.check([key]):
+                            table[r] = float(store.get(key))
             except Exception:
-                finished = {}
+                pass
         cause = " ".join(str(e).split())
         cause = cause[cause.find("]") + 1:].strip() if cause.startswith("[") else cause
         what = (f"waited more than {self.cfg.dist_timeout:g} s (--dist_timeout) for the other ranks"
                 if "imed out" in cause else f"lost contact with the other ranks ({cause[:160]})")
         msg = f"rank {self.rank} {what} in a collective at step {self.step}"
-        if finished:
-            lag = min(finished.values())
-            behind = [r for r, n in finished.items() if n == lag and n < max(finished.values())]
-            if behind:
-                msg += (f"; rank {', '.join(map(str, behind))} last finished step {lag - 1}" if lag else
-                        f"; rank {', '.join(map(str, behind))} finished no step")
-                msg += f" (the others finished step {max(finished.values()) - 1})"
+        now, quiet = time.time(), []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            silent = now - alive[r] if r in alive else None
+            if silent is None or silent > min(10.0, self.cfg.dist_timeout / 2):
+                done = int(finished.get(r, 0))
+                last = f"last finished step {done - 1}" if done else "finished no step"
+                quiet.append(f"rank {r} ({last}) has not responded for {silent:.0f} s" if silent is not None
+                             else f"rank {r} ({last}) never reported")
+        if quiet:
+            msg += "; " + "; ".join(quiet)
         return (msg + ". A rank is frozen or stuck (a stopped process, a hung GPU, a lost node): the job ends "
                 "instead of waiting forever. Check that rank's machine, then run the same command to resume from "
                 "the last checkpoint.")
