@@ -119,6 +119,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             # Never suggest weights_only=False: that runs whatever the pickle says.
             why = "it holds pickled Python objects, which fastgpt never loads"
+        elif "central directory" in str(e) or "PytorchStreamReader failed" in str(e):
+            why = "truncated or corrupt: incomplete zip archive"
         else:
             why = _first_line(e)
         raise CheckpointError(f"{path}: cannot be loaded safely ({why})") from e
