@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -114,8 +115,14 @@ def _generate(args) -> int:
 
     from .tokenizer import EOT_TOKEN, get_encoding
 
-    if args.num_samples <= 0 or args.max_new_tokens < 0:
-        raise ValueError("--num_samples must be positive and --max_new_tokens >= 0")
+    if args.num_samples <= 0:
+        raise ValueError(f"--num_samples must be positive, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top_k must be >= 0 (0: all tokens), got {args.top_k}")
     device = _device(args.device)
     model = _load_model(args, device)
     enc = get_encoding()

@@ -88,6 +88,10 @@ class TrainConfig:
     kernels: str = "auto"
     dtype: str = "auto"  # autocast dtype: auto = bf16 on GPUs that have it, else fp16 + loss scaling; fp32 on CPU
     spike_guard: float = 3.0  # skip an update whose loss exceeds this x the recent mean loss; 0: off
+    resume_from: str | None = None  # a checkpoint file to resume from instead of the newest in log_dir
+    restart: bool = False  # move log_dir's checkpoints aside and start a new run there
+    allow_changed: str = ""  # comma-separated flags (or "data") that may differ from the checkpoint's run
+    dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks before the job ends
 
     @classmethod
     def field_names(cls) -> list[str]:

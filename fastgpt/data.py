@@ -16,6 +16,7 @@ import bisect
 import hashlib
 import os
 import re
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -144,6 +145,8 @@ def prepare_texts(files: list[str | Path], out: str | Path, val_fraction: float 
     texts = []
     for f in files:
         p = Path(f)
+        if p.is_dir():
+            raise DataError(f"{p}: is a directory; pass the text files in it (e.g. {p}/*.txt)")
         if not p.is_file():
             raise DataError(f"{p}: no such file")
         try:
@@ -217,8 +220,8 @@ def load_shard(path: Path, vocab_size: int, min_tokens: int) -> np.ndarray:
         raise DataError(f"{path}: not a readable .npy file (no NumPy header); shards are saved with np.save")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:  # object arrays need pickle, which we never allow
-        raise DataError(f"{path}: cannot be loaded without pickle ({e}); shards must be integer arrays") from e
+    except ValueError as e:  # object arrays need pickle, which we never allow; or the file is short
+        raise DataError(_npy_problem(path, e)) from e
     except Exception as e:
         raise DataError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from e
     if not isinstance(arr, np.ndarray):
@@ -239,6 +242,36 @@ def load_shard(path: Path, vocab_size: int, min_tokens: int) -> np.ndarray:
     return arr
 
 
+def _npy_problem(path: Path, e: Exception) -> str:
+    """Why np.load refused a file with a valid magic: a truncated file, a pickled (object) array, or other."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            header = f.tell()
+        size = path.stat().st_size
+    except Exception:
+        return f"{path}: not a readable .npy file (its header is damaged: {e})"
+    if dtype.hasobject:
+        return f"{path}: holds Python objects and cannot be loaded without pickle; shards must be integer arrays"
+    need = header + int(np.prod(shape)) * dtype.itemsize
+    if size < need:
+        return (f"{path}: truncated: its header promises {int(np.prod(shape)):,} values ({need:,} bytes) but the file "
+                f"has {size:,} bytes (an interrupted copy or write? prepare or copy it again)")
+    return f"{path}: not a readable .npy file ({e})"
+
+
+def numbering_gaps(paths: list[Path], split: str) -> list[str]:
+    """Names missing from the split_00000, split_00001, ... sequence (shards named otherwise are not judged)."""
+    nums = sorted(int(m.group(1)) for p in paths if (m := re.fullmatch(rf"{split}_(\d+)\.npy", p.name)))
+    if not nums:
+        return []
+    width = max(len(m.group(1)) for p in paths if (m := re.fullmatch(rf"{split}_(\d+)\.npy", p.name)))
+    have = set(nums)
+    return [f"{split}_{i:0{width}d}.npy" for i in range(0, nums[-1]) if i not in have]
+
+
 class ShardLoader:
     """(x, y) batches of shape (B, T) from one split, strided across DDP ranks (see module docstring)."""
 
@@ -249,6 +282,10 @@ class ShardLoader:
         self.paths = find_shards(data_root, split)
         if verbose:
             print(f"found {len(self.paths)} shards for split {split}")
+            if gaps := numbering_gaps(self.paths, split):  # a shard lost in a copy would go unnoticed
+                more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
+                print(f"warning: {data_root}: {split} shards are not numbered consecutively: missing "
+                      f"{', '.join(gaps[:5])}{more}; training on the {len(self.paths)} present", file=sys.stderr)
         self.shards = [load_shard(p, vocab_size, B * T + 1) for p in self.paths]
         counts = [(len(s) - 1) // (B * T) for s in self.shards]  # whole chunks per shard
         self.starts = np.cumsum([0] + counts).tolist()  # chunk index where each shard begins

@@ -28,15 +28,20 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such HellaSwag file")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so an undecodable line is reported with its number
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(examples) >= limit:
                 break
-            if not line.strip():
-                continue
 
             def bad(why: str):
                 return HellaSwagFormatError(f"{path}:{lineno}: {why}")
+
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise bad(f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)") from None
+            if not line.strip():
+                continue
 
             try:
                 ex = json.loads(line)
@@ -68,8 +73,9 @@ def default_file() -> Path:
                     "Download hellaswag_val.jsonl elsewhere and pass it with --data FILE")
 
 
-def _rows(example: dict, enc, block_size: int) -> tuple[list[list[int]], list[int]]:
-    """Token rows ctx+ending for the 4 endings and where each ending starts."""
+def _rows(example: dict, enc, block_size: int, cut: list | None = None) -> tuple[list[list[int]], list[int]]:
+    """Token rows ctx+ending for the 4 endings and where each ending starts. An ending that does not fit
+    the block (with one token before it) is cut to its last tokens and counted in `cut`."""
     ctx = enc.encode_ordinary(example["ctx"])
     rows, starts = [], []
     for ending in example["endings"]:
@@ -77,15 +83,17 @@ def _rows(example: dict, enc, block_size: int) -> tuple[list[list[int]], list[in
         row = (ctx + end)[-block_size:]  # keep the ending whole; drop the oldest context if too long
         rows.append(row)
         starts.append(max(1, len(row) - len(end)))
+        if cut is not None and len(row) - starts[-1] < len(end):
+            cut.append(len(end))
     return rows, starts
 
 
 @torch.no_grad()
-def score_batch(model, examples: list[dict], enc, device) -> tuple[torch.Tensor, torch.Tensor]:
+def score_batch(model, examples: list[dict], enc, device, cut: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, mean loss) per ending: two (N, 4) tensors for N examples."""
     rows, starts = [], []
     for ex in examples:
-        r, s = _rows(ex, enc, model.config.block_size)
+        r, s = _rows(ex, enc, model.config.block_size, cut)
         rows += r
         starts += s
     L = max(len(r) for r in rows)
@@ -109,6 +117,10 @@ def evaluate(model, path: str | Path | None = None, limit: int | None = None, ba
     """acc and acc_norm over the file's examples (this rank takes every world-th one; counts are summed)."""
     from .tokenizer import get_encoding
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"--batch_size must be a positive number of examples, got {batch_size}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be a positive number of examples, got {limit}")
     path = Path(path) if path is not None else default_file()
     examples = load_examples(path, limit)
     mine = examples[rank::world]
@@ -116,13 +128,14 @@ def evaluate(model, path: str | Path | None = None, limit: int | None = None, ba
     model.eval()
     counts = torch.zeros(3, dtype=torch.long, device=device)  # correct (acc), correct (acc_norm), examples
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else None
+    cut: list[int] = []
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
         if autocast is not None:
             with autocast:
-                total, mean = score_batch(model, chunk, enc, device)
+                total, mean = score_batch(model, chunk, enc, device, cut)
         else:
-            total, mean = score_batch(model, chunk, enc, device)
+            total, mean = score_batch(model, chunk, enc, device, cut)
         labels = torch.tensor([ex["label"] for ex in chunk], device=device)
         counts[0] += (total.argmin(1) == labels).sum()
         counts[1] += (mean.argmin(1) == labels).sum()
@@ -131,6 +144,12 @@ def evaluate(model, path: str | Path | None = None, limit: int | None = None, ba
         import torch.distributed as dist
 
         dist.all_reduce(counts)
+    if cut and verbose:
+        import sys
+
+        print(f"warning: rank {rank}: {len(cut)} ending(s) of up to {max(cut)} tokens do not fit the model's "
+              f"{model.config.block_size}-token block; only their last {model.config.block_size - 1} tokens "
+              f"were scored", file=sys.stderr)
     n = int(counts[2])
     result = {"examples": n, "acc": int(counts[0]) / n, "acc_norm": int(counts[1]) / n}
     if verbose and rank == 0:

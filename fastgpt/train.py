@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import math
 import os
 import random
@@ -26,8 +27,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
+from . import fingerprint
 from .config import DTYPE_CHOICES, KERNEL_CHOICES, PRESETS, GPTConfig, TrainConfig
 from .data import DEFAULT_DATA_ROOT, DataError, ShardLoader, prepare_default_data
+from .lock import LockError, RunLock
 from .model import GPT
 
 # With no GPU and no --model, these replace the GPU-sized defaults for every flag the user did not give:
@@ -58,6 +61,10 @@ class TrainError(Exception):
     """A problem with the requested run that the user can fix; printed without a traceback."""
 
 
+class EvalInterrupted(Exception):
+    """A stop request arrived during evaluation: the evaluation is abandoned so the checkpoint comes sooner."""
+
+
 # ------------------------------------------------------------------------------------------------
 # Flags
 # ------------------------------------------------------------------------------------------------
@@ -86,6 +93,12 @@ HELP = {
              "CPU), bf16, fp16 or fp32",
     "spike_guard": f"skip an update whose loss exceeds K x the mean of the last {SPIKE_WINDOW} accepted losses; "
                    f"{MAX_NONFINITE} in a row stop the run (0: off)",
+    "resume_from": "resume from this checkpoint file instead of the newest in --log_dir (newer ones there are "
+                   "moved aside into a subdirectory)",
+    "restart": "start a new run in --log_dir: its checkpoints and logs are moved aside into a subdirectory",
+    "allow_changed": "resume although these flags (comma-separated; 'data' for the shards) differ from the "
+                     "checkpoint's run, e.g. max_steps,max_lr",
+    "dist_timeout": "seconds a rank waits for the others in a collective before the job ends with an error",
 }
 
 
@@ -99,8 +112,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         d = getattr(defaults, f.name)
         # default=None everywhere so we can tell which flags were given (CPU defaults fill the rest).
-        if f.name == "compile":
-            p.add_argument("--compile", action="store_true", default=None, help=HELP[f.name])
+        if f.name in ("compile", "restart"):
+            p.add_argument(f"--{f.name}", action="store_true", default=None, help=HELP[f.name])
         elif f.name == "kernels":
             p.add_argument("--kernels", choices=KERNEL_CHOICES, default=None, help=f"{HELP[f.name]} [{d}]")
         elif f.name == "dtype":
@@ -267,7 +280,12 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int, int]:
     else:
         device = torch.device("cpu")
     if ddp:
+        if not (math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
+            raise TrainError(f"--dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
+        # A stuck collective (a frozen or hung rank) raises after this long on gloo; on NCCL the watchdog
+        # aborts the job. Either way the job ends instead of waiting forever.
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout),
                                 **({"device_id": device} if use_cuda else {}))
     return device, rank, local_rank, world
 
@@ -279,7 +297,7 @@ def main(argv=None, prog: str = "train.py") -> int:
     cfg, given = parse_args(argv, prog)
     try:
         return train(cfg, given)
-    except (TrainError, DataError, ckpt_io.CheckpointError) as e:
+    except (TrainError, DataError, ckpt_io.CheckpointError, LockError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     except torch.OutOfMemoryError as e:
@@ -296,7 +314,22 @@ def main(argv=None, prog: str = "train.py") -> int:
 
 def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
     """Set up, resume, and run the loop; returns the process exit code."""
-    return Trainer(cfg, given).run()
+    trainer = Trainer(cfg, given)
+    try:
+        return trainer.run()
+    except RuntimeError as e:
+        if trainer.ddp and _is_collective_timeout(e):
+            raise TrainError(trainer.timeout_message(e)) from None
+        raise
+    finally:
+        if getattr(trainer, "lock", None) is not None:
+            trainer.lock.release()
+
+
+def _is_collective_timeout(e: BaseException) -> bool:
+    """gloo: "Timed out waiting Nms for recv operation"; also its peer-gone variants, which follow a timeout."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or "Timed out" in text or "timed out" in text or "Connection closed by peer" in text
 
 
 @dataclass
@@ -375,6 +408,30 @@ class Trainer:
         for name in ("warmup_steps", "keep_checkpoints"):
             if getattr(cfg, name) < 0:
                 raise TrainError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+        for name, lo, hi, what in (("max_lr", 0.0, None, "a positive number"),
+                                   ("min_lr_ratio", 0.0, 1.0, "in [0, 1]"),
+                                   ("weight_decay", 0.0, None, "a number >= 0"),
+                                   ("grad_clip", 0.0, None, "a number >= 0 (0: no clipping)")):
+            v = getattr(cfg, name)
+            if not math.isfinite(v) or v < lo or (hi is not None and v > hi) or (name == "max_lr" and v == 0):
+                raise TrainError(f"--{name} must be {what}, got {v}")
+        if not 0 <= cfg.seed < 2**32:  # numpy's seed range
+            raise TrainError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+        try:
+            self.allowed_changes = fingerprint.parse_allowed(cfg.allow_changed)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if cfg.restart and cfg.resume_from:
+            raise TrainError("--restart starts a new run and --resume_from continues one: give only one")
+        if cfg.resume_from and not Path(cfg.resume_from).is_file():
+            raise TrainError(f"--resume_from {cfg.resume_from}: no such file")
+        if self.gcfg.kernels == "triton":
+            from .ops import use_triton
+
+            try:
+                use_triton("triton", torch.empty(0, device=self.device))
+            except RuntimeError as e:
+                raise TrainError(f"--kernels triton: {e}") from None
         if cfg.seq_len > self.gcfg.block_size:
             raise TrainError(f"--seq_len {cfg.seq_len} exceeds the {self.model_name} block size "
                              f"{self.gcfg.block_size}")
@@ -444,23 +501,98 @@ class Trainer:
     # Resume, wrap
     # --------------------------------------------------------------------------------------------
     def resume(self) -> None:
-        """Load the newest complete checkpoint in log_dir, if any: model, optimizer, loader, RNG, step."""
+        """Load the newest usable checkpoint in log_dir (or --resume_from), if any: model, optimizer, loader,
+        RNG, step. Unusable newer files are skipped with a warning; a run whose flags or data changed is
+        refused unless --allow_changed names the change; --restart moves earlier files aside first."""
+        cfg = self.cfg
         if self.master:
             for p in ckpt_io.remove_stale_temporaries(self.log_dir):
                 print(f"removed {p}, left by an interrupted checkpoint write")
-        path, state = ckpt_io.load_latest(self.log_dir, warn=self.master)
+            if cfg.restart:
+                old = [p for _, p in ckpt_io.list_checkpoints(self.log_dir)] + \
+                      [self.log_dir / n for n in ("log.txt", "metrics.jsonl")]
+                dest = ckpt_io.move_aside(self.log_dir, old, "restart")
+                if dest:
+                    self.log(f"--restart: moved the previous run's files to {dest}; starting a new run")
+        if self.ddp:
+            self.start_heartbeat()
+            dist.barrier()  # rank 0 has moved files; everyone now sees the same checkpoints
+        self.step = 0
+        if cfg.resume_from:
+            path = Path(cfg.resume_from)
+            state = ckpt_io.load(path)
+            self.check_checkpoint(path, state)
+        else:
+            path, state = ckpt_io.load_latest(self.log_dir, warn=self.master, check=self.check_checkpoint)
         self.resumed_from = path if state is not None else None
         if state is None:
             return
-        _check_resume_config(path, state["config"], self.gcfg, self.model_name)
-        self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.train_loader.load_state_dict(state["loader"])
-        ckpt_io.set_rng_state(state["rng"])
-        self.load_step_state(state)
-        self.start_step, self.last_val = int(state["step"]), state.get("val_loss")
+        step = int(state["step"])
+        if step < cfg.max_steps:
+            self.check_same_run(path, state)
+        if cfg.resume_from and self.master:
+            # Newer checkpoints in log_dir (a diverged continuation, say) would be picked over the files
+            # this run writes next: keep them, out of the way.
+            newer = [p for s_, p in ckpt_io.list_checkpoints(self.log_dir)
+                     if s_ >= step and p.resolve() != path.resolve()]
+            dest = ckpt_io.move_aside(self.log_dir, newer, "superseded")
+            if dest:
+                self.log(f"--resume_from: moved {len(newer)} checkpoint(s) at step >= {step} to {dest}")
+        if cfg.resume_from and self.ddp:
+            dist.barrier()
+        try:
+            self.raw.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.train_loader.load_state_dict(state["loader"])
+            ckpt_io.set_rng_state(state["rng"])
+            self.load_step_state(state)
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            raise ckpt_io.CheckpointError(f"{path}: cannot be applied to this run ({type(e).__name__}: "
+                                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        self.start_step, self.last_val = step, state.get("val_loss")
+        self.step = step
         vl = f", val loss {self.last_val:.4f}" if self.last_val is not None else ""
         self.log(f"resuming from {path} (step {self.start_step}{vl})")
+
+    def check_checkpoint(self, path: Path, state: dict) -> None:
+        """A checkpoint of another model is an error (TrainError); a damaged one is a CheckpointError."""
+        if not isinstance(state.get("config"), dict):
+            raise ckpt_io.CheckpointError(f"{path}: incomplete checkpoint, no model 'config'")
+        _check_resume_config(path, state["config"], self.gcfg, self.model_name)
+        ckpt_io.check_state(state, path, self.raw, self.optimizer)
+
+    @property
+    def data_fingerprint(self) -> dict:
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = fingerprint.data_fingerprint(
+                {"train": self.train_loader.paths, "val": self.val_loader.paths})
+        return self._fingerprint
+
+    def check_same_run(self, path: Path, state: dict) -> None:
+        """Refuse to resume with flags or data that differ from the checkpoint's run, unless allowed."""
+        cfg, step = self.cfg, int(state["step"])
+        changes = fingerprint.resume_changes(state.get("train_config"), state.get("data_fingerprint"), cfg,
+                                             self.data_fingerprint)
+        lr_note = ""
+        if "max_steps" in changes:
+            old = replace(cfg, max_steps=state["train_config"]["max_steps"])
+            lr_note = (f"A changed --max_steps re-plans the cosine decay to end at step {cfg.max_steps} instead of "
+                       f"{old.max_steps} (warmup and peak unchanged)")
+            if get_lr(step, cfg) != get_lr(step, old):
+                lr_note += (f": the learning rate at step {step} becomes {get_lr(step, cfg):.6f} instead of "
+                            f"{get_lr(step, old):.6f}")
+            lr_note += "."
+        refused = {k: v for k, v in changes.items() if k not in self.allowed_changes}
+        if refused:
+            names = ",".join(refused)
+            raise TrainError(
+                f"{path} belongs to a run with other settings: {'; '.join(refused.values())}. Resuming would not "
+                f"continue that run. Pass the checkpoint's values to continue it, --allow_changed {names} to "
+                f"continue with the new ones, or another --log_dir (or --restart) to start over. {lr_note}".strip())
+        for k, v in changes.items():
+            self.log(f"note: resuming with a change you allowed: {v}")
+        if lr_note:
+            self.log(f"note: {lr_note}")
 
     def wrap_model(self) -> None:
         """torch.compile and DDP around the raw model; `core` is what evaluation calls (no DDP)."""
@@ -634,7 +766,7 @@ class Trainer:
         self.val_loader.reset()
         total = torch.zeros((), device=self.device)  # sum over sequences of their mean token loss
         with torch.no_grad():
-            for start in range(0, mine, B):
+            for start in self.interruptible(range(0, mine, B)):
                 rows = [self.val_loader.next_batch() for _ in range(min(B, mine - start))]
                 x = torch.cat([r[0] for r in rows])  # (b, T)
                 y = torch.cat([r[1] for r in rows])
@@ -728,7 +860,15 @@ class Trainer:
             return None
         p = ckpt_io.checkpoint_path(self.log_dir, step)
         if self.master:
-            ckpt_io.save_atomic(self.checkpoint_state(step), p)
+            state = self.checkpoint_state(step)
+            state["data_fingerprint"] = self.data_fingerprint  # so a resume can tell the data changed
+            try:
+                ckpt_io.save_atomic(state, p)
+            except (OSError, RuntimeError) as e:  # disk full, read-only, a directory in the way, ...
+                prev = [q for _, q in ckpt_io.list_checkpoints(self.log_dir) if q != p]
+                kept = f"; the previous checkpoint {prev[-1]} is intact" if prev else ""
+                raise TrainError(ckpt_io.describe_write_error(p, e) + kept +
+                                 ". Free space or fix the directory, then run the same command to resume.") from None
             if self.cfg.keep_checkpoints > 0:
                 for _, old in ckpt_io.list_checkpoints(self.log_dir)[:-self.cfg.keep_checkpoints]:
                     if old != p:
@@ -740,18 +880,114 @@ class Trainer:
 
     def stop_requested(self, stop: "StopRequest") -> bool:
         if self.ddp:  # a signal may reach some ranks only; all must stop at the same step: the flag they
-            return self.stop_all  # agreed on in the last step's all-reduce (no extra sync per step)
+            self.heartbeat()  # agreed on in the last step's all-reduce (no extra sync per step)
+            return self.stop_all
         return stop.requested
+
+    def stop_agreed(self, stop: "StopRequest") -> bool:
+        """Whether any rank got a stop request, now (one all-reduce and host read: used between eval batches)."""
+        stopping = stop.requested
+        if self.ddp:
+            flag = torch.tensor(float(stopping), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = bool(flag.item())
+        return stopping
+
+    def interruptible(self, batches):
+        """Evaluation batches, abandoned (EvalInterrupted) as soon as any rank got a stop request."""
+        stop = getattr(self, "stop", None)
+        for b in batches:
+            if stop is not None and self.stop_agreed(stop):
+                raise EvalInterrupted
+            yield b
+
+    # --------------------------------------------------------------------------------------------
+    # A stuck rank: each rank records in the process group's store its last finished step and, from a
+    # background thread, the time it was last alive (a stopped process's threads stop too), so the rank
+    # whose collective times out can name the rank that stopped responding.
+    # --------------------------------------------------------------------------------------------
+    def _store(self):
+        if not hasattr(self, "_pg_store"):
+            try:
+                self._pg_store = dist.distributed_c10d._get_default_store()
+            except Exception:  # private API: without it the message names no other rank
+                self._pg_store = None
+        return self._pg_store
+
+    def start_heartbeat(self) -> None:
+        import threading
+
+        store = self._store()
+        if store is None or getattr(self, "_alive_thread", None) is not None:
+            return
+        every = min(5.0, self.cfg.dist_timeout / 4)
+
+        def beat():
+            while True:
+                try:
+                    store.set(f"fastgpt/alive/{self.rank}", repr(time.time()))
+                except Exception:
+                    return  # the store is gone: the job is ending
+                time.sleep(every)
+
+        self._alive_thread = threading.Thread(target=beat, name="fastgpt-heartbeat", daemon=True)
+        self._alive_thread.start()
+
+    def heartbeat(self) -> None:
+        store = self._store()
+        if store is not None:
+            try:
+                store.set(f"fastgpt/finished/{self.rank}", str(self.step + 1))
+            except Exception:
+                pass
+
+    def timeout_message(self, e: BaseException) -> str:
+        finished, alive = {}, {}
+        store = self._store()
+        if store is not None:
+            try:
+                store.set_timeout(datetime.timedelta(seconds=5))
+                for r in range(self.world):
+                    for table, key in ((finished, f"fastgpt/finished/{r}"), (alive, f"fastgpt/alive/{r}")):
+                        if store.check([key]):
+                            table[r] = float(store.get(key))
+            except Exception:
+                pass
+        cause = " ".join(str(e).split())
+        cause = cause[cause.find("]") + 1:].strip() if cause.startswith("[") else cause
+        what = (f"waited more than {self.cfg.dist_timeout:g} s (--dist_timeout) for the other ranks"
+                if "imed out" in cause else f"lost contact with the other ranks ({cause[:160]})")
+        msg = f"rank {self.rank} {what} in a collective at step {self.step}"
+        now, quiet = time.time(), []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            silent = now - alive[r] if r in alive else None
+            if silent is None or silent > min(10.0, self.cfg.dist_timeout / 2):
+                done = int(finished.get(r, 0))
+                last = f"last finished step {done - 1}" if done else "finished no step"
+                quiet.append(f"rank {r} ({last}) has not responded for {silent:.0f} s" if silent is not None
+                             else f"rank {r} ({last}) never reported")
+        if quiet:
+            msg += "; " + "; ".join(quiet)
+        return (msg + ". A rank is frozen or stuck (a stopped process, a hung GPU, a lost node): the job ends "
+                "instead of waiting forever. Check that rank's machine, then run the same command to resume from "
+                "the last checkpoint.")
 
     # --------------------------------------------------------------------------------------------
     # The loop
     # --------------------------------------------------------------------------------------------
     def run(self) -> int:
         cfg = self.cfg
+        # One run per log directory; taking the lock also proves the directory is writable before step 0.
+        self.lock = RunLock(self.log_dir).acquire() if self.master else None
+        if self.lock is not None and self.lock.took_over:
+            self.log(f"note: took over {self.lock.path} from a run that ended without releasing it "
+                     f"({self.lock.took_over})")
         self.resume()
         if self.start_step >= cfg.max_steps:
             self.log(f"{self.resumed_from} is already at step {self.start_step} >= --max_steps {cfg.max_steps}: "
-                     f"nothing to do (raise --max_steps to train further)")
+                     f"nothing to do (to train further, raise --max_steps and add --allow_changed max_steps)")
             return 0
         self.wrap_model()
         self.warm_up_kernels()
@@ -760,12 +996,18 @@ class Trainer:
         with StopRequest() as stop:
             self.stop = stop
             for step in range(self.start_step, cfg.max_steps):
+                self.step = step
                 r = self.train_step(step)
                 self.log_step(r)
                 self.check_divergence(r)
                 done = step + 1
                 if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-                    self.log_eval(done)
+                    try:
+                        self.log_eval(done)
+                    except EvalInterrupted:
+                        self.core.train()
+                        self.stop_all = True  # every rank agreed to stop (stop_agreed), after the step's own vote
+                        self.log(f"evaluation at step {done} abandoned for the stop request (no val loss)")
                 stopping = self.stop_requested(stop)
                 if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or stopping:
                     p = self.save(done)

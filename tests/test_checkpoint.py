@@ -53,9 +53,9 @@ def test_checkpoint_holding_a_pickled_object_is_refused(tmp_path):
         torch.load(p, weights_only=True)
     with pytest.raises(ck.CheckpointError, match=r"model_00010.pt: cannot be loaded safely"):
         ck.load(p)
-    # ...and resume skips it with a warning rather than executing it.
-    with pytest.warns(UserWarning, match="model_00010.pt is corrupt"):
-        assert ck.load_latest(tmp_path) == (None, None)
+    # ...and resume refuses it rather than executing it (or starting fresh over it).
+    with pytest.raises(ck.UnusableCheckpoints, match=r"model_00010.pt: cannot be loaded safely \(it holds pickled"):
+        ck.load_latest(tmp_path)
 
 
 def test_checkpoints_are_ordered_by_integer_step(tmp_path):
@@ -122,7 +122,7 @@ def test_kill_9_during_a_checkpoint_write(shakespeare, tmp_path):
     assert f"removed {log / temps[0]}" in again.stdout
     assert f"resuming from {log / 'model_00002.pt'} (step 2" in again.stdout
     assert set(steps(again.stdout)) == {2, 3, 4, 5}
-    assert not [n for n in os.listdir(log) if n.startswith(".")]
+    assert not [n for n in os.listdir(log) if n.startswith(".model_")]  # .lock is the run lock
     for n in os.listdir(log):
         if n.endswith(".pt"):
             torch.load(log / n)

@@ -1,5 +1,6 @@
 """The training loop on CPU: learning, exact resume, DDP equivalence, LR schedule, error handling."""
 import math
+import re
 import shutil
 
 import pytest
@@ -70,9 +71,16 @@ def test_finished_run_does_nothing_and_more_steps_continue(shakespeare, tmp_path
     add_nano(monkeypatch)
     _train(capsys, nano_args(shakespeare, tmp_path, steps_=4))
     out = _train(capsys, nano_args(shakespeare, tmp_path, steps_=4))
-    assert "nothing to do" in out and steps(out) == {}
-    out = _train(capsys, nano_args(shakespeare, tmp_path, steps_=6))
-    assert set(steps(out)) == {4, 5}
+    assert "nothing to do" in out and "--allow_changed max_steps" in out and steps(out) == {}
+    # A longer run re-plans the cosine: refused until the user says so, with what it does to the LR.
+    with pytest.raises(SystemExit):
+        main(nano_args(shakespeare, tmp_path, steps_=6))
+    err = capsys.readouterr().err
+    assert "--max_steps 4 (now 6)" in err and "--allow_changed max_steps" in err
+    assert "the learning rate at step 4 becomes 0.001650 instead of 0.000300" in err
+    out = _train(capsys, nano_args(shakespeare, tmp_path, "--allow_changed", "max_steps", steps_=6))
+    assert set(steps(out)) == {4, 5} and "note: resuming with a change you allowed: --max_steps 4 (now 6)" in out
+    assert steps(out)[4][1] == f"{get_lr(4, TrainConfig(max_lr=3e-3, warmup_steps=2, max_steps=6)):.6f}" == "0.001650"
 
 
 def test_resume_with_another_model_is_an_error(shakespeare, tmp_path, capsys, monkeypatch):
@@ -93,8 +101,14 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(shakespeare, tmp_pa
     _train(capsys, nano_args(shakespeare, tmp_path, steps_=4))
     latest = tmp_path / "model_00004.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated, as a full disk would leave it
-    with pytest.warns(UserWarning, match=r"model_00004.pt is corrupt or incomplete.*falling back to .*model_00002.pt"):
-        out = _train(capsys, nano_args(shakespeare, tmp_path, steps_=6))
+    capsys.readouterr()
+    assert main(nano_args(shakespeare, tmp_path, "--allow_changed", "max_steps", steps_=6)) == 0
+    out, err = capsys.readouterr()
+    # One plain line naming the file (not Python's warnings module with its source line).
+    assert re.search(r"^warning: checkpoint \S*model_00004.pt is unusable \(cannot be loaded safely \(truncated or "
+                     r"corrupt: incomplete zip archive\)\); falling back to \S*model_00002.pt$",
+                     err, re.M), err
+    assert "UserWarning" not in err and "warnings.warn" not in err
     assert "resuming from" in out and "model_00002.pt (step 2" in out
     assert set(steps(out)) == {2, 3, 4, 5}
 
