@@ -85,6 +85,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     compile: bool = False
     kernels: str = "auto"
+    init_from: str | None = None  # HF GPT-2 weights (hub id or local dir) or a fastgpt checkpoint
+    sample_interval: int = -1  # steps between samples; -1: four per run; 0: off
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 48
+    hellaswag_interval: int = 0  # steps between HellaSwag evaluations; 0: off
+    hellaswag_data: str | None = None
+    hellaswag_limit: int = 0  # first N examples; 0: all
 
     @classmethod
     def field_names(cls) -> list[str]:
