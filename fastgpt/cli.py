@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--val_fraction", type=float, default=0.1)
     t.add_argument("--shard_tokens", type=int, default=None, help="tokens per shard file (default: one shard)")
+    t.add_argument("--num_proc", type=int, default=1,
+                   help="tokenizer worker processes; an interrupted preparation resumes when run again")
     h = psub.add_parser("hf", help="a HuggingFace dataset (needs `pip install fastgpt[hf]` and a network)")
     h.add_argument("dataset", help="e.g. wikitext")
     h.add_argument("--name", default=None, help="dataset configuration, e.g. wikitext-103-v1")
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--val_fraction", type=float, default=0.1)
     h.add_argument("--shard_tokens", type=int, default=None)
     h.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    h.add_argument("--num_proc", type=int, default=1,
+                   help="tokenizer worker processes; an interrupted preparation resumes when run again")
 
     sub.add_parser("train", help="train (the flags of train.py; see `fastgpt train --help`)", add_help=False)
 
@@ -109,10 +113,11 @@ def _prepare(args) -> int:
     if args.source == "shakespeare":
         data.prepare_shakespeare(args.input, args.out)
     elif args.source == "text":
-        data.prepare_texts(args.files, args.out, args.val_fraction, args.shard_tokens)
+        data.prepare_texts(args.files, args.out, args.val_fraction, args.shard_tokens, num_proc=args.num_proc)
     else:
         data.prepare_hf(args.dataset, args.out, name=args.name, split=args.split, text_field=args.text_field,
-                        val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, limit=args.limit)
+                        val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, limit=args.limit,
+                        num_proc=args.num_proc)
     print(f"wrote {args.out}/")
     return 0
 
