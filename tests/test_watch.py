@@ -347,3 +347,23 @@ def test_init_from_errors_name_the_source(corpus, tmp_path, capsys, monkeypatch)
                   "--device", "cpu"])
         err = capsys.readouterr().err
         assert f"error: --init_from {src}: " in err and msg in err, err
+
+
+def test_a_prompt_longer_than_the_block_is_cropped_with_a_warning(plain_run, capsys):
+    from fastgpt import cli
+    from fastgpt.checkpoint import load_model
+    from fastgpt.generate import PromptCroppedWarning
+
+    from fastgpt.tokenizer import get_encoding
+
+    prompt = "my good lord " * 30  # nano's block is 64 tokens
+    n = len(get_encoding().encode_ordinary(prompt))
+    capsys.readouterr()
+    assert cli.main(["generate", "--checkpoint", str(plain_run / "model_00008.pt"), "--prompt", prompt,
+                     "--max_new_tokens", "2", "--kernels", "torch", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert n > 64 and err == (f"warning: the prompt is {n} tokens, longer than the model's block_size 64: only its last 64 "
+                   "tokens are used\n")
+    model = load_model(plain_run / "model_00008.pt", kernels="torch")
+    with pytest.warns(PromptCroppedWarning, match="prompt of 90 tokens is longer than block_size 64"):
+        model.generate(torch.zeros(1, 90, dtype=torch.long), 1, temperature=0)
