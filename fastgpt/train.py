@@ -547,10 +547,9 @@ class Trainer:
             self.runlog.val(done, self.last_val)
 
     def log_sample(self, done: int) -> None:
-        """Rank 0 prints a seeded continuation of --sample_prompt. Its own generator (seeded by --seed and
-        the step) draws the tokens, so the training RNG streams, and with them resume, stay untouched."""
-        if not self.master:
-            return
+        """A seeded continuation of --sample_prompt, printed by rank 0. Its own generator (seeded by --seed and
+        the step) draws the tokens, so the training RNG streams, and with them resume, stay untouched. Every
+        rank generates the same tokens: a model sharded across ranks needs all of them in each forward."""
         from .tokenizer import EOT_TOKEN, get_encoding
 
         cfg, enc = self.cfg, get_encoding()
@@ -561,9 +560,10 @@ class Trainer:
         # In the weights' own dtype (no autocast): the KV cache holds that dtype.
         out = self.raw.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=gen)
         self.raw.train()
-        text = enc.decode(out[0, idx.shape[1]:].tolist())
-        self.log(f"sample at step {done}:\n{cfg.sample_prompt + text}")
-        self.runlog.sample(done, cfg.sample_prompt, text)
+        if self.master:
+            text = enc.decode(out[0, idx.shape[1]:].tolist())
+            self.log(f"sample at step {done}:\n{cfg.sample_prompt + text}")
+            self.runlog.sample(done, cfg.sample_prompt, text)
 
     def log_hellaswag(self, done: int) -> None:
         """HellaSwag acc / acc_norm on rank-sharded examples, the same computation as `fastgpt eval hellaswag`."""
