@@ -368,6 +368,8 @@ class Trainer:
                 gcfg, state, what = model.config, model.state_dict(), f"HuggingFace GPT-2 weights {src}"
         except (OSError, ValueError, RuntimeError) as e:
             raise TrainError(f"--init_from {src}: {e}") from None
+        except (KeyError, TypeError) as e:  # a checkpoint without a usable config
+            raise TrainError(f"--init_from {src}: not a fastgpt checkpoint with a model config ({e!r})") from None
         preset = next((n for n, c in PRESETS.items()
                        if all(getattr(gcfg, k) == v for k, v in asdict(c).items() if k not in ("kernels", "dropout"))),
                       None)
@@ -381,9 +383,8 @@ class Trainer:
 
     def check_watch_flags(self, cfg: TrainConfig) -> None:
         """Samples and HellaSwag during training: intervals and the HellaSwag file, checked before step 0."""
-        for name in ("sample_tokens",):
-            if getattr(cfg, name) <= 0:
-                raise TrainError(f"--{name} must be positive, got {getattr(cfg, name)}")
+        if cfg.sample_tokens <= 0:
+            raise TrainError(f"--sample_tokens must be positive, got {cfg.sample_tokens}")
         if cfg.sample_interval < -1:
             raise TrainError(f"--sample_interval must be -1 (four per run), 0 (off) or a step count, "
                              f"got {cfg.sample_interval}")
