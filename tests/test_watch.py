@@ -182,9 +182,7 @@ def _one_record_per_step(d: Path, steps: int) -> None:
 
 
 def test_one_record_per_step_after_kill_9_and_resume(corpus, plain_run, tmp_path):
-    script = write_entry(tmp_path, 'from fastgpt.config import PRESETS, GPTConfig\n'
-                                   'PRESETS["nano"] = GPTConfig(block_size=64, vocab_size=50257, n_layer=2, '
-                                   'n_head=2, n_embd=32)')
+    script = write_entry(tmp_path)  # knows the nano preset
     log = tmp_path / "log"
     args = nano_args(corpus, log, "--checkpoint_interval", "3", "--sample_interval", "2")
     p = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True, env=env(),
@@ -367,3 +365,25 @@ def test_a_prompt_longer_than_the_block_is_cropped_with_a_warning(plain_run, cap
     model = load_model(plain_run / "model_00008.pt", kernels="torch")
     with pytest.warns(PromptCroppedWarning, match="prompt of 90 tokens is longer than block_size 64"):
         model.generate(torch.zeros(1, 90, dtype=torch.long), 1, temperature=0)
+
+
+def test_two_ranks_shard_hellaswag_and_log_once(corpus, tmp_path, capsys):
+    """Under torchrun each rank scores every other example; the summed counts equal one process's eval of
+    the same checkpoint, and rank 0 alone writes one record per step."""
+    from _train_util import run_train
+
+    from fastgpt import cli
+
+    log = tmp_path / "log"
+    r = run_train(tmp_path, nano_args(corpus, log, "--hellaswag_interval", "2", "--hellaswag_data", str(FIXTURE),
+                                      "--sample_interval", "2", steps_=2), nproc=2)
+    assert "2 rank(s)" in r.stdout
+    recs = read_metrics(log)
+    assert [(x["type"], x["step"]) for x in recs] == [("train", 0), ("train", 1), ("val", 2), ("hellaswag", 2),
+                                                      ("sample", 2)]
+    hs = recs[3]
+    capsys.readouterr()
+    assert cli.main(["eval", "hellaswag", "--checkpoint", str(log / "model_00002.pt"), "--data", str(FIXTURE),
+                     "--kernels", "torch", "--device", "cpu"]) == 0
+    m = re.search(r"(\d+) examples \| acc: (\S+) \| acc_norm: (\S+)", capsys.readouterr().out)
+    assert (int(m[1]), float(m[2]), float(m[3])) == (hs["examples"], round(hs["acc"], 4), round(hs["acc_norm"], 4))
