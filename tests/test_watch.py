@@ -387,3 +387,19 @@ def test_two_ranks_shard_hellaswag_and_log_once(corpus, tmp_path, capsys):
                      "--kernels", "torch", "--device", "cpu"]) == 0
     m = re.search(r"(\d+) examples \| acc: (\S+) \| acc_norm: (\S+)", capsys.readouterr().out)
     assert (int(m[1]), float(m[2]), float(m[3])) == (hs["examples"], round(hs["acc"], 4), round(hs["acc_norm"], 4))
+
+
+@pytest.mark.gpu
+def test_cuda_step_lines_carry_mfu(corpus, tmp_path, capsys, monkeypatch):
+    from fastgpt.metrics import peak_flops
+
+    add_nano(monkeypatch)
+    if peak_flops(torch.device("cuda")) is None:
+        monkeypatch.setenv("FASTGPT_PEAK_TFLOPS", "100")  # a GPU missing from the table
+    args = nano_args(corpus, tmp_path, steps_=4)
+    args[args.index("--device") + 1] = "cuda"
+    args[args.index("--kernels") + 1] = "auto"
+    out = _train(capsys, args)
+    lines = [x for x in out.splitlines() if x.startswith("step ")]
+    assert len(lines) == 4 and all(re.search(ETA + r" \| mfu: \d+\.\d%$", x) for x in lines), lines
+    assert all(0 < r["mfu"] < 1 for r in train_records(tmp_path))
