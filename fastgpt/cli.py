@@ -1,10 +1,11 @@
-"""The `fastgpt` command (also `python -m fastgpt`): prepare, train, generate, eval, validate."""
+"""The `fastgpt` command (also `python -m fastgpt`): prepare, train, generate, eval, validate, plot, export."""
 from __future__ import annotations
 
 import argparse
 import math
 import os
 import sys
+import warnings
 
 
 def _device(name: str) -> str:
@@ -39,7 +40,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgpt", description="GPT-2 from scratch on Triton kernels.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{prepare,train,generate,eval,validate}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{prepare,train,generate,eval,validate,plot,export}")
 
     prep = sub.add_parser("prepare", help="tokenize a dataset into .npy shards")
     psub = prep.add_subparsers(dest="source", required=True)
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--val_fraction", type=float, default=0.1)
     t.add_argument("--shard_tokens", type=int, default=None, help="tokens per shard file (default: one shard)")
+    t.add_argument("--num_proc", type=int, default=1,
+                   help="tokenizer worker processes; an interrupted preparation resumes when run again")
     h = psub.add_parser("hf", help="a HuggingFace dataset (needs `pip install fastgpt[hf]` and a network)")
     h.add_argument("dataset", help="e.g. wikitext")
     h.add_argument("--name", default=None, help="dataset configuration, e.g. wikitext-103-v1")
@@ -63,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--val_fraction", type=float, default=0.1)
     h.add_argument("--shard_tokens", type=int, default=None)
     h.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    h.add_argument("--num_proc", type=int, default=1,
+                   help="tokenizer worker processes; an interrupted preparation resumes when run again")
 
     sub.add_parser("train", help="train (the flags of train.py; see `fastgpt train --help`)", add_help=False)
 
@@ -92,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest allowed |logit difference| (default 1e-3; 2e-2 with Triton kernels, TF32 dots)")
     v.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     v.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"))
+
+    pl = sub.add_parser("plot", help="plot train/val loss (and HellaSwag) of one or more runs")
+    pl.add_argument("logs", nargs="+", help="log directories (or their metrics.jsonl files)")
+    pl.add_argument("--out", default="loss.png", help="image file; .png, .svg or .pdf")
+    pl.add_argument("--labels", nargs="+", default=None, help="legend names, one per log (default: the paths)")
+
+    x = sub.add_parser("export", help="write a checkpoint as a HuggingFace directory or a safetensors file")
+    x.add_argument("--checkpoint", required=True, help="a training checkpoint, e.g. log/model_01000.pt")
+    x.add_argument("--out", required=True, help="directory (--format hf) or file (--format safetensors)")
+    x.add_argument("--format", default="hf", choices=("hf", "safetensors"),
+                   help="hf: config.json + model.safetensors + tokenizer files; safetensors: the weights only")
     return p
 
 
@@ -102,10 +118,11 @@ def _prepare(args) -> int:
         url = args.url or (data.SHAKESPEARE_URL if args.download else None)
         data.prepare_shakespeare(args.input, args.out, download_url=url)
     elif args.source == "text":
-        data.prepare_texts(args.files, args.out, args.val_fraction, args.shard_tokens)
+        data.prepare_texts(args.files, args.out, args.val_fraction, args.shard_tokens, num_proc=args.num_proc)
     else:
         data.prepare_hf(args.dataset, args.out, name=args.name, split=args.split, text_field=args.text_field,
-                        val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, limit=args.limit)
+                        val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, limit=args.limit,
+                        num_proc=args.num_proc)
     print(f"wrote {args.out}/")
     return 0
 
@@ -113,6 +130,7 @@ def _prepare(args) -> int:
 def _generate(args) -> int:
     import torch
 
+    from .generate import PromptCroppedWarning
     from .tokenizer import EOT_TOKEN, get_encoding
 
     if args.num_samples <= 0:
@@ -127,10 +145,16 @@ def _generate(args) -> int:
     model = _load_model(args, device)
     enc = get_encoding()
     ids = enc.encode_ordinary(args.prompt) or [EOT_TOKEN]
+    block = model.config.block_size
+    if len(ids) > block:
+        print(f"warning: the prompt is {len(ids):,} tokens, longer than the model's block_size {block}: only its "
+              f"last {block} tokens are used", file=sys.stderr)
     idx = torch.tensor([ids] * args.num_samples, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                         use_cache=not args.no_cache, generator=gen)
+    with warnings.catch_warnings():  # said above, once, as a plain line
+        warnings.simplefilter("ignore", PromptCroppedWarning)
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                             use_cache=not args.no_cache, generator=gen)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
@@ -161,6 +185,28 @@ def _eval(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from .plot import plot_runs
+
+    if args.labels is not None and len(args.labels) != len(args.logs):
+        raise ValueError(f"--labels gives {len(args.labels)} names for {len(args.logs)} logs")
+    plot_runs(args.logs, args.out, args.labels)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export
+
+    out = export(args.checkpoint, args.out, args.format)
+    if args.format == "hf":
+        print(f"wrote {out}/ (config.json, model.safetensors, tokenizer files): load it with "
+              f"transformers' AutoTokenizer / GPT2LMHeadModel.from_pretrained({str(out)!r})")
+    else:
+        print(f"wrote {out} (weights only; fastgpt.export.load_safetensors reads it back)")
+    return 0
+
+
 def _validate(args) -> int:
     from .validate import run
 
@@ -175,7 +221,8 @@ def main(argv=None) -> int:
         return train_main(argv[1:], prog="fastgpt train")
     args = build_parser().parse_args(argv)
     try:
-        return {"prepare": _prepare, "generate": _generate, "eval": _eval, "validate": _validate}[args.command](args)
+        return {"prepare": _prepare, "generate": _generate, "eval": _eval, "validate": _validate, "plot": _plot,
+                "export": _export}[args.command](args)
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("FASTGPT_DEBUG"):
             raise

@@ -92,6 +92,13 @@ class TrainConfig:
     restart: bool = False  # move log_dir's checkpoints aside and start a new run there
     allow_changed: str = ""  # comma-separated flags (or "data") that may differ from the checkpoint's run
     dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks before the job ends
+    init_from: str | None = None  # HF GPT-2 weights (hub id or local dir) or a fastgpt checkpoint
+    sample_interval: int = -1  # steps between samples; -1: four per run; 0: off
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 48
+    hellaswag_interval: int = 0  # steps between HellaSwag evaluations; 0: off
+    hellaswag_data: str | None = None
+    hellaswag_limit: int = 0  # first N examples; 0: all
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -138,10 +138,11 @@ def prepare_default_data(data_root: str | Path, log=print) -> bool:
 
 
 def prepare_texts(files: list[str | Path], out: str | Path, val_fraction: float = 0.1,
-                  shard_tokens: int | None = None) -> tuple[int, int]:
-    """Plain-text files, joined by newlines, tokenized and split into train/val shards."""
-    from .tokenizer import get_encoding
+                  shard_tokens: int | None = None, num_proc: int = 1) -> tuple[int, int]:
+    """Plain-text files, joined by newlines, tokenized and split into train/val shards.
 
+    The text is tokenized in pieces cut where the GPT-2 pre-tokenizer always splits (see _cut_points),
+    so the tokens equal those of encoding the whole text at once, whatever num_proc is."""
     texts = []
     for f in files:
         p = Path(f)
@@ -153,22 +154,27 @@ def prepare_texts(files: list[str | Path], out: str | Path, val_fraction: float 
             texts.append(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise DataError(f"{p}: not UTF-8 text ({e})") from e
-    tokens = get_encoding().encode_ordinary("\n".join(texts))
-    if len(tokens) < 2:
+    text = "\n".join(texts)
+    _check_split_args(val_fraction, shard_tokens, num_proc)
+    cuts = _cut_points(text, PIECE_CHARS)
+    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    fingerprint = {"source": "text", "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                   "pieces": len(pieces)}
+    n = _tokenize_pieces(Path(out), fingerprint, pieces, _encode_text, num_proc)
+    if n < 2:
         raise DataError(f"{', '.join(map(str, files))}: fewer than 2 tokens of text")
-    return _save_train_val(tokens, out, val_fraction, shard_tokens)
+    return _write_from_pieces(Path(out), len(pieces), val_fraction, shard_tokens)
 
 
 def prepare_hf(dataset: str, out: str | Path, name: str | None = None, split: str = "train",
                text_field: str = "text", val_fraction: float = 0.1, shard_tokens: int | None = None,
-               limit: int | None = None) -> tuple[int, int]:
+               limit: int | None = None, num_proc: int = 1) -> tuple[int, int]:
     """A HuggingFace dataset's text column; documents are separated by <|endoftext|>."""
     try:
         from datasets import load_dataset
     except ImportError as e:
         raise DataError("`fastgpt prepare hf` needs the `datasets` package: pip install 'fastgpt[hf]'") from e
-    from .tokenizer import EOT_TOKEN, get_encoding
-
+    _check_split_args(val_fraction, shard_tokens, num_proc)
     try:
         ds = load_dataset(dataset, name, split=split)
     except Exception as e:
@@ -176,15 +182,171 @@ def prepare_hf(dataset: str, out: str | Path, name: str | None = None, split: st
     if text_field not in ds.column_names:
         raise DataError(f"dataset {dataset!r} has no column {text_field!r}; columns: {ds.column_names} "
                         f"(choose one with --text_field)")
-    enc = get_encoding()
-    tokens: list[int] = []
-    for i, ex in enumerate(ds):
-        if limit is not None and i >= limit:
+    n_docs = len(ds) if limit is None else min(len(ds), limit)
+    starts = list(range(0, n_docs, DOCS_PER_PIECE))
+    # Pieces are fetched lazily (only those not yet tokenized); document i of piece k is ds[k*D + i].
+    pieces = _LazyPieces(ds, text_field, starts, n_docs)
+    fingerprint = {"source": "hf", "dataset": dataset, "name": name, "split": split, "text_field": text_field,
+                   "documents": n_docs, "hf_fingerprint": getattr(ds, "_fingerprint", None), "pieces": len(starts)}
+    _tokenize_pieces(Path(out), fingerprint, pieces, _encode_docs, num_proc)
+    return _write_from_pieces(Path(out), len(starts), val_fraction, shard_tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizing in pieces: worker processes, progress, resumable
+# ------------------------------------------------------------------------------------------------
+PIECE_CHARS = 1 << 20  # characters of text per piece (a few hundred thousand tokens)
+DOCS_PER_PIECE = 1024  # documents of a HF dataset per piece
+SPOOL = ".prepare"  # out/.prepare/: manifest.json and piece_000000.npy ... while a preparation runs
+
+
+def _check_split_args(val_fraction: float, shard_tokens: int | None, num_proc: int) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val_fraction must be in (0, 1), got {val_fraction}")
+    if shard_tokens is not None and shard_tokens <= 0:
+        raise DataError(f"--shard_tokens must be positive, got {shard_tokens}")
+    if num_proc <= 0:
+        raise DataError(f"--num_proc must be positive, got {num_proc}")
+
+
+def _cut_points(text: str, target: int) -> list[int]:
+    """Offsets [0, ..., len(text)] that cut text into pieces of about `target` characters.
+
+    A cut goes right after a newline that has a non-space character on both sides. GPT-2's pre-tokenizer
+    then ends a pre-token there in the whole text too: a newline run only joins other whitespace, and with
+    no whitespace after it the `\\s+(?!\\S)` rule matches just the run, as at the end of a piece. BPE works
+    within pre-tokens, so the pieces' tokens, concatenated, are the whole text's tokens.
+    (str.isspace covers every character the pattern's \\s does, so it errs on the safe side.)"""
+    cuts = [0]
+    pos = target
+    while pos < len(text):
+        i = text.find("\n", pos)
+        while i != -1 and not (0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()):
+            i = text.find("\n", i + 1)
+        if i == -1:
             break
-        if tokens:
+        cuts.append(i + 1)
+        pos = i + 1 + target
+    if cuts[-1] != len(text) or len(cuts) == 1:
+        cuts.append(len(text))
+    return cuts
+
+
+def _encode_text(piece: str) -> np.ndarray:
+    from .tokenizer import N_VOCAB, get_encoding
+
+    return np.asarray(get_encoding().encode_ordinary(piece), dtype=_token_dtype(N_VOCAB))
+
+
+def _encode_docs(item: tuple[bool, list[str]]) -> np.ndarray:
+    """Documents joined by <|endoftext|>; every piece but the first also starts with one."""
+    from .tokenizer import EOT_TOKEN, N_VOCAB, get_encoding
+
+    first, docs = item
+    enc, tokens = get_encoding(), []
+    for i, doc in enumerate(docs):
+        if i or not first:
             tokens.append(EOT_TOKEN)
-        tokens.extend(enc.encode_ordinary(ex[text_field]))
-    return _save_train_val(tokens, out, val_fraction, shard_tokens)
+        tokens.extend(enc.encode_ordinary(doc))
+    return np.asarray(tokens, dtype=_token_dtype(N_VOCAB))
+
+
+class _LazyPieces:
+    """The HF dataset's pieces, fetched from it only when asked for."""
+
+    def __init__(self, ds, field: str, starts: list[int], n_docs: int):
+        self.ds, self.field, self.starts, self.n = ds, field, starts, n_docs
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, k: int) -> tuple[bool, list[str]]:
+        a = self.starts[k]
+        return k == 0, list(self.ds[a:min(a + DOCS_PER_PIECE, self.n)][self.field])
+
+
+def _piece_path(spool: Path, k: int) -> Path:
+    return spool / f"piece_{k:06d}.npy"
+
+
+def _save_npy_atomic(arr: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def _tokenize_pieces(out: Path, fingerprint: dict, pieces, encode, num_proc: int) -> int:
+    """Tokenize every piece into out/.prepare/piece_K.npy, skipping pieces an interrupted run of the same
+    preparation (same manifest) already wrote; returns the total token count."""
+    import json
+
+    from .metrics import Counter
+
+    spool = out / SPOOL
+    manifest = spool / "manifest.json"
+    want = json.dumps(fingerprint, sort_keys=True)
+    if spool.is_dir() and (not manifest.exists() or manifest.read_text() != want):
+        import shutil
+
+        shutil.rmtree(spool)  # a half-finished preparation of other input: start over
+    spool.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(want)
+    todo = [k for k in range(len(pieces)) if not _piece_path(spool, k).exists()]
+    done = len(pieces) - len(todo)
+    if done:
+        print(f"resuming an interrupted preparation: {done} of {len(pieces)} pieces already tokenized")
+    bar = Counter(len(pieces), "tokenizing", "pieces")
+    bar.update(done)
+    if num_proc > 1 and len(todo) > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(min(num_proc, len(todo))) as pool:
+            # imap keeps the order and hands out one piece per task; results are written as they arrive.
+            for k, arr in zip(todo, pool.imap(encode, (pieces[k] for k in todo))):
+                _save_npy_atomic(arr, _piece_path(spool, k))
+                bar.update()
+    else:
+        for k in todo:
+            _save_npy_atomic(encode(pieces[k]), _piece_path(spool, k))
+            bar.update()
+    bar.close()
+    return sum(len(np.load(_piece_path(spool, k), mmap_mode="r")) for k in range(len(pieces)))
+
+
+def _write_from_pieces(out: Path, n_pieces: int, val_fraction: float, shard_tokens: int | None) -> tuple[int, int]:
+    """The last val_fraction of the tokens become val shards, the rest train shards; then the spool goes."""
+    import shutil
+
+    spool = out / SPOOL
+    parts = [np.load(_piece_path(spool, k), mmap_mode="r") for k in range(n_pieces)]
+    total = sum(len(p) for p in parts)
+    if total < 2:
+        raise DataError(f"{out}: fewer than 2 tokens of text to split")
+    split = int(total * (1.0 - val_fraction))
+    # Stale shards from an earlier, larger preparation would otherwise be read as part of this one.
+    for old in out.glob("*.npy"):
+        if _split_of(old.name) in ("train", "val"):
+            old.unlink()
+    for name, lo, hi in (("train", 0, split), ("val", split, total)):
+        size = shard_tokens or max(hi - lo, 1)
+        for i, start in enumerate(range(lo, max(hi, lo + 1), size)):
+            _save_npy_atomic(_gather(parts, start, min(start + size, hi)), out / f"{name}_{i:05d}.npy")
+    shutil.rmtree(spool)
+    print(f"Saved {split:,} train tokens and {total - split:,} val tokens")
+    return split, total - split
+
+
+def _gather(parts: list[np.ndarray], lo: int, hi: int) -> np.ndarray:
+    """Tokens [lo, hi) of the concatenation of parts, reading only the parts that overlap."""
+    chunks, off = [], 0
+    for p in parts:
+        a, b = max(lo - off, 0), min(hi - off, len(p))
+        if a < b:
+            chunks.append(p[a:b])
+        off += len(p)
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=parts[0].dtype if parts else np.uint16)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,11 +7,16 @@ tokens, exactly what the cache-free path feeds the model, so both give the same 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .config import GPTConfig
+
+
+class PromptCroppedWarning(UserWarning):
+    """A prompt longer than the model's block: only its last block_size tokens condition the sample."""
 
 
 class KVCache:
@@ -63,6 +68,9 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
         raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
     cfg = model.config
     block = cfg.block_size
+    if idx.shape[1] > block:
+        warnings.warn(f"prompt of {idx.shape[1]} tokens is longer than block_size {block}: the model sees only "
+                      f"its last {block} tokens", PromptCroppedWarning, stacklevel=3)
     out = idx
     cache: KVCache | None = None
     dtype = next(model.parameters()).dtype

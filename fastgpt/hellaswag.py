@@ -115,20 +115,33 @@ def score_batch(model, examples: list[dict], enc, device, cut: list | None = Non
 def evaluate(model, path: str | Path | None = None, limit: int | None = None, batch_size: int = 8,
              device="cpu", rank: int = 0, world: int = 1, verbose: bool = True) -> dict:
     """acc and acc_norm over the file's examples (this rank takes every world-th one; counts are summed)."""
-    from .tokenizer import get_encoding
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"--batch_size must be a positive number of examples, got {batch_size}")
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be a positive number of examples, got {limit}")
     path = Path(path) if path is not None else default_file()
     examples = load_examples(path, limit)
+    result = evaluate_examples(model, examples, batch_size, device, rank, world, progress=verbose and rank == 0)
+    if verbose and rank == 0:
+        print(f"hellaswag ({path.name}): {result['examples']} examples | acc: {result['acc']:.4f} | "
+              f"acc_norm: {result['acc_norm']:.4f}")
+    return result
+
+
+def evaluate_examples(model, examples: list[dict], batch_size: int = 8, device="cpu", rank: int = 0,
+                      world: int = 1, progress: bool = False) -> dict:
+    """acc and acc_norm over loaded examples; training calls this too, so both give the same numbers."""
+    from .metrics import Counter
+    from .tokenizer import get_encoding
+
     mine = examples[rank::world]
     enc = get_encoding()
     model.eval()
     counts = torch.zeros(3, dtype=torch.long, device=device)  # correct (acc), correct (acc_norm), examples
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else None
     cut: list[int] = []
+    # Rank 0's share, scaled to the whole file: ranks run in step.
+    bar = Counter(len(examples), "hellaswag", "examples") if progress else None
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
         if autocast is not None:
@@ -140,18 +153,19 @@ def evaluate(model, path: str | Path | None = None, limit: int | None = None, ba
         counts[0] += (total.argmin(1) == labels).sum()
         counts[1] += (mean.argmin(1) == labels).sum()
         counts[2] += len(chunk)
+        if bar is not None:
+            bar.update(len(chunk) * world)
+    if bar is not None:
+        bar.close()
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(counts)
-    if cut and verbose:
+    if cut:
         import sys
 
         print(f"warning: rank {rank}: {len(cut)} ending(s) of up to {max(cut)} tokens do not fit the model's "
               f"{model.config.block_size}-token block; only their last {model.config.block_size - 1} tokens "
               f"were scored", file=sys.stderr)
     n = int(counts[2])
-    result = {"examples": n, "acc": int(counts[0]) / n, "acc_norm": int(counts[1]) / n}
-    if verbose and rank == 0:
-        print(f"hellaswag ({path.name}): {n} examples | acc: {result['acc']:.4f} | acc_norm: {result['acc_norm']:.4f}")
-    return result
+    return {"examples": n, "acc": int(counts[0]) / n, "acc_norm": int(counts[1]) / n}

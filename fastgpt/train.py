@@ -31,6 +31,7 @@ from . import fingerprint
 from .config import DTYPE_CHOICES, KERNEL_CHOICES, PRESETS, GPTConfig, TrainConfig
 from .data import DEFAULT_DATA_ROOT, DataError, ShardLoader, prepare_default_data
 from .lock import LockError, RunLock
+from .metrics import Progress, RunLog, fmt_duration, peak_flops
 from .model import GPT
 
 # With no GPU and no --model, these replace the GPU-sized defaults for every flag the user did not give:
@@ -99,6 +100,15 @@ HELP = {
     "allow_changed": "resume although these flags (comma-separated; 'data' for the shards) differ from the "
                      "checkpoint's run, e.g. max_steps,max_lr",
     "dist_timeout": "seconds a rank waits for the others in a collective before the job ends with an error",
+    "init_from": "start from pretrained weights (step 0, fresh optimizer): gpt2 ... gpt2-xl (hub, online), a local "
+                 "HF directory, or a fastgpt checkpoint; the model shape comes from them",
+    "sample_interval": "steps between text samples printed while training, and one at the end "
+                       "(-1: four per run; 0: off)",
+    "sample_prompt": "prompt of those samples",
+    "sample_tokens": "tokens per sample",
+    "hellaswag_interval": "steps between HellaSwag evaluations during training (0: off; needs --hellaswag_data)",
+    "hellaswag_data": "a HellaSwag .jsonl file for --hellaswag_interval",
+    "hellaswag_limit": "evaluate only the first N HellaSwag examples (0: all)",
 }
 
 
@@ -401,6 +411,10 @@ class Trainer:
                               f"the CPU anyway")
         self.model_name = cfg.model or "gpt2"
         self.gcfg = GPTConfig.preset(self.model_name, kernels=cfg.kernels)
+        self.init_state = None
+        if cfg.init_from:
+            self.load_init_weights(cfg)
+        self.check_watch_flags(cfg)
         for name in ("micro_batch_size", "seq_len", "max_steps", "eval_interval", "eval_steps",
                      "checkpoint_interval"):
             if getattr(cfg, name) <= 0:
@@ -461,6 +475,9 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.set_float32_matmul_precision("high")
         self.raw = GPT(self.gcfg).to(self.device)
+        if self.init_state is not None:
+            self.raw.load_state_dict(self.init_state)
+            self.init_state = None
         self.optimizer = self.raw.configure_optimizers(weight_decay=cfg.weight_decay, lr=cfg.max_lr,
                                                        device_type=self.device.type)
         self.params = [p for p in self.raw.parameters() if p.requires_grad]
@@ -492,6 +509,77 @@ class Trainer:
         self.stop = None  # the StopRequest, while run() loops
         self.stop_all = False  # under DDP: the stop flag all ranks agreed on at the last step
         self.raw.check_ids = False  # the loaders checked every token id; the model's check would sync per forward
+    def load_init_weights(self, cfg: TrainConfig) -> None:
+        """--init_from: the model's shape and weights from HF GPT-2 weights or a fastgpt checkpoint."""
+        src = cfg.init_from
+        path = Path(src).expanduser()
+        try:
+            if path.is_file():
+                ck = ckpt_io.load(path)
+                gcfg = GPTConfig(**{**ck["config"], "kernels": cfg.kernels})
+                state, what = ck["model"], f"fastgpt checkpoint {path} (step {ck.get('step', '?')})"
+            else:
+                from .hf import load_pretrained
+
+                # An unknown path or an offline hub id fails here with a message naming it.
+                model = load_pretrained(GPT, src, kernels=cfg.kernels)
+                gcfg, state, what = model.config, model.state_dict(), f"HuggingFace GPT-2 weights {src}"
+        except (OSError, ValueError, RuntimeError) as e:
+            raise TrainError(f"--init_from {src}: {e}") from None
+        except (KeyError, TypeError) as e:  # a checkpoint without a usable config
+            raise TrainError(f"--init_from {src}: not a fastgpt checkpoint with a model config ({e!r})") from None
+        preset = next((n for n, c in PRESETS.items()
+                       if all(getattr(gcfg, k) == v for k, v in asdict(c).items() if k not in ("kernels", "dropout"))),
+                      None)
+        if "model" in self.given and preset != cfg.model:
+            raise TrainError(f"--model {cfg.model} does not match --init_from {src} (a {preset or 'custom'} model: "
+                             f"n_layer={gcfg.n_layer}, n_head={gcfg.n_head}, n_embd={gcfg.n_embd}); drop --model")
+        self.gcfg, self.init_state = gcfg, state
+        self.model_name = preset or f"{gcfg.n_layer}-layer {gcfg.n_embd}-wide model"
+        self.notes.append(f"init_from: {what} -> {self.model_name} (block_size {gcfg.block_size}); "
+                          f"starting at step 0 with a fresh optimizer")
+
+    def check_watch_flags(self, cfg: TrainConfig) -> None:
+        """Samples and HellaSwag during training: intervals and the HellaSwag file, checked before step 0."""
+        if cfg.sample_tokens <= 0:
+            raise TrainError(f"--sample_tokens must be positive, got {cfg.sample_tokens}")
+        if cfg.sample_interval < -1:
+            raise TrainError(f"--sample_interval must be -1 (four per run), 0 (off) or a step count, "
+                             f"got {cfg.sample_interval}")
+        for name in ("hellaswag_interval", "hellaswag_limit"):
+            if getattr(cfg, name) < 0:
+                raise TrainError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+        self.sample_every = max(1, cfg.max_steps // 4) if cfg.sample_interval == -1 else cfg.sample_interval
+        self.hellaswag_examples = None
+        if cfg.hellaswag_interval > 0:
+            if not cfg.hellaswag_data:
+                raise TrainError("--hellaswag_interval needs --hellaswag_data FILE (a HellaSwag .jsonl, e.g. "
+                                 "hellaswag_val.jsonl from github.com/rowanz/hellaswag)")
+            from .hellaswag import load_examples
+
+            try:
+                self.hellaswag_examples = load_examples(cfg.hellaswag_data, cfg.hellaswag_limit or None)
+            except (OSError, ValueError) as e:
+                raise TrainError(f"--hellaswag_data: {e}") from None
+
+    def log_summary(self) -> None:
+        """One block before step 0: what this run is and how long it is."""
+        cfg, B, T = self.cfg, self.cfg.micro_batch_size, self.cfg.seq_len
+        dtype = self.dtype + (" with loss scaling" if self.scaler is not None else "")
+        train_tokens = self.train_loader.total * B * T
+        epochs = cfg.max_steps * cfg.total_batch_size / max(1, train_tokens)
+        watch = []
+        if cfg.eval_interval:
+            watch.append(f"val loss every {cfg.eval_interval}")
+        if self.sample_every:
+            watch.append(f"sample every {self.sample_every}")
+        if self.hellaswag_examples is not None:
+            watch.append(f"HellaSwag ({len(self.hellaswag_examples)} examples) every {cfg.hellaswag_interval}")
+        watch.append(f"checkpoint every {cfg.checkpoint_interval} steps")
+        self.log(f"run: {cfg.max_steps:,} steps x {cfg.total_batch_size:,} tokens = "
+                 f"{cfg.max_steps * cfg.total_batch_size:,} tokens | data: {train_tokens:,} train tokens in "
+                 f"{len(self.train_loader.paths)} shard(s) -> {epochs:.2f} epochs | dtype: {dtype}")
+        self.log(f"watch: {', '.join(watch)} | logs: {self.log_dir / 'log.txt'}, {self.log_dir / 'metrics.jsonl'}")
 
     def autocast(self):
         dtype = _AUTOCAST.get(self.dtype)
@@ -722,14 +810,22 @@ class Trainer:
             opt.step()
 
     def log_step(self, r: StepResult) -> None:
+        tok_s = self.cfg.total_batch_size / r.dt
+        self.progress.update(r.step, r.dt)
+        self.last_loss = r.loss
         line = (f"step {r.step} | loss: {r.loss:.4f} | lr: {r.lr:.6f} | norm: {r.norm:.4f} | "
-                f"dt: {r.dt * 1000:.0f}ms | tok/s: {self.cfg.total_batch_size / r.dt:,.0f}")
+                f"dt: {r.dt * 1000:.0f}ms | tok/s: {tok_s:,.0f} | {self.progress.fields(r.step)}")
+        extra = {}
+        if self.peak is not None:
+            # Per GPU: this rank's share of the tokens against one GPU's peak.
+            extra["mfu"] = self.raw.estimate_mfu(tok_s / self.world, self.peak, T=self.cfg.seq_len)
+            line += f" | mfu: {100 * extra['mfu']:.1f}%"
         if r.note:
             line += f" | {r.note}"
+            extra["skipped"] = r.skip
         self.log(line)
         if self.master:
-            with open(self.log_file, "a") as f:
-                f.write(f"{r.step} train {r.loss!r} norm {r.norm!r} lr {r.lr!r}\n")
+            self.runlog.train(r.step, r.loss, r.norm, r.lr, r.dt, **extra)
 
     def check_divergence(self, r: StepResult) -> None:
         """Stop the run when updates keep being skipped: MAX_NONFINITE in a row for non-finite losses or loss
@@ -782,8 +878,48 @@ class Trainer:
         self.last_val = self.evaluate()
         self.log(f"val loss {self.last_val:.4f}")
         if self.master:
-            with open(self.log_file, "a") as f:
-                f.write(f"{done} val {self.last_val!r}\n")
+            self.runlog.val(done, self.last_val)
+
+    def log_sample(self, done: int) -> None:
+        """A seeded continuation of --sample_prompt, printed by rank 0. Its own generator (seeded by --seed and
+        the step) draws the tokens, so the training RNG streams, and with them resume, stay untouched. Every
+        rank generates the same tokens: a model sharded across ranks needs all of them in each forward."""
+        from .tokenizer import EOT_TOKEN, get_encoding
+
+        cfg, enc = self.cfg, get_encoding()
+        ids = enc.encode_ordinary(cfg.sample_prompt) or [EOT_TOKEN]
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + done)
+        idx = torch.tensor([ids[-self.gcfg.block_size:]], device=self.device)  # (1, T)
+        self.raw.eval()
+        # In the weights' own dtype (no autocast): the KV cache holds that dtype.
+        out = self.raw.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=gen)
+        self.raw.train()
+        if self.master:
+            text = enc.decode(out[0, idx.shape[1]:].tolist())
+            self.log(f"sample at step {done}:\n{cfg.sample_prompt + text}")
+            self.runlog.sample(done, cfg.sample_prompt, text)
+
+    def log_hellaswag(self, done: int) -> None:
+        """HellaSwag acc / acc_norm on rank-sharded examples, the same computation as `fastgpt eval hellaswag`."""
+        from .hellaswag import evaluate_examples
+
+        # The uncompiled model: every batch has another length, which would recompile a compiled one.
+        res = evaluate_examples(self.raw, self.hellaswag_examples, device=self.device, rank=self.rank,
+                                world=self.world)
+        self.raw.train()
+        self.log(f"hellaswag: {res['examples']} examples | acc: {res['acc']:.4f} | acc_norm: {res['acc_norm']:.4f}")
+        if self.master:
+            self.runlog.hellaswag(done, res)
+
+    def log_end(self, done: int, last_ckpt: Path | None) -> None:
+        """The one line that says what the run did."""
+        steps = done - self.start_step
+        val = f"{self.last_val:.4f}" if self.last_val is not None else "n/a"
+        last = getattr(self, "last_loss", None)
+        train = f"{last:.4f}" if last is not None else "n/a"
+        self.log(f"done: {steps:,} steps ({self.start_step} -> {done}), {steps * self.cfg.total_batch_size:,} tokens "
+                 f"in {fmt_duration(self.progress.elapsed)} | final train loss {train} | val loss {val} | "
+                 f"last checkpoint: {last_ckpt or 'none'}")
 
     def checkpoint_state(self, step: int) -> dict:
         """Plain dicts and CPU tensors only, so torch.load(weights_only=True) opens it."""
@@ -993,6 +1129,12 @@ class Trainer:
         self.warm_up_kernels()
         if self.master:
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            # Drops what a killed run logged past the checkpoint it resumes from: one record per step.
+            self.runlog = RunLog(self.log_dir, self.start_step, cfg.total_batch_size)
+        self.peak = peak_flops(self.device)
+        self.progress = Progress(self.start_step, cfg.max_steps)
+        self.log_summary()
+        p = None
         with StopRequest() as stop:
             self.stop = stop
             for step in range(self.start_step, cfg.max_steps):
@@ -1008,15 +1150,25 @@ class Trainer:
                         self.core.train()
                         self.stop_all = True  # every rank agreed to stop (stop_agreed), after the step's own vote
                         self.log(f"evaluation at step {done} abandoned for the stop request (no val loss)")
-                stopping = self.stop_requested(stop)
+                stopping = self.stop_requested(stop)  # agreed by all ranks: extras below are collective
+                if not stopping and cfg.hellaswag_interval and (done % cfg.hellaswag_interval == 0
+                                                                or done == cfg.max_steps):
+                    self.log_hellaswag(done)
+                # Also at the end: the run's last word is a sample of what it learned.
+                if not stopping and self.sample_every and (done % self.sample_every == 0 or done == cfg.max_steps):
+                    self.log_sample(done)
                 if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or stopping:
                     p = self.save(done)
+                    if self.master:
+                        self.runlog.sync()  # the logs are on disk as far as the checkpoint goes
                     if stopping:
                         saved = f"checkpoint saved to {p}" if p else "no checkpoint written (see above)"
                         self.log(f"stopped at step {done}: {saved}. Run the same command to resume.")
+                        self.log_end(done, p or self.last_healthy)
                         return 0
                     if p:
                         self.log(f"saved checkpoint {p}")
+        self.log_end(cfg.max_steps, p or self.last_healthy)
         return 0
 
 

@@ -81,7 +81,7 @@ def test_prepare_shakespeare_sources(tmp_path, capsys, monkeypatch):
 
 def test_help_lists_every_command(tmp_path):
     out = fastgpt("--help", cwd=tmp_path).stdout
-    for cmd in ("prepare", "train", "generate", "eval", "validate"):
+    for cmd in ("prepare", "train", "generate", "eval", "validate", "plot", "export"):
         assert cmd in out
     assert "--total_batch_size" in fastgpt("train", "--help", cwd=tmp_path).stdout
     r = subprocess.run([sys.executable, "-m", "fastgpt.train", "--help"], capture_output=True, text=True,
