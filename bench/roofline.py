@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastgpt.metrics import KNOWN_GPUS, gpu_peaks  # noqa: F401 (re-exported: bench's GPU table is the trainer's)
 from fastgpt.model import FLOP_CONVENTION, train_flops_per_token
 
 GPUS = {
@@ -27,49 +28,10 @@ GPUS = {
     "A100-SXM4-80GB": (2.039e12, 312e12),
     "H100-SXM": (3.35e12, 989e12),
 }
-# torch.cuda.get_device_name() fragments -> (bytes/s, FLOP/s); the longest fragment in the name wins
-# ("GH200" over "H200", "L40S" over "L40" over "L4", "H100 PCIe" over "H100").
-KNOWN_GPUS = [
-    ("H100 PCIe", (2.0e12, 756e12)),
-    ("H100 NVL", (3.9e12, 835e12)),
-    ("H100", (3.35e12, 989e12)),  # "NVIDIA H100 80GB HBM3" is the SXM part
-    ("H200", (4.8e12, 989e12)),
-    ("GH200", (4.0e12, 989e12)),
-    ("A100-SXM4-40GB", (1.555e12, 312e12)),
-    ("A100-PCIE-40GB", (1.555e12, 312e12)),
-    ("A100 80GB PCIe", (1.935e12, 312e12)),
-    ("A100", (2.039e12, 312e12)),
-    ("L40S", (0.864e12, 362e12)),
-    ("L40", (0.864e12, 181e12)),
-    ("L4", (0.3e12, 121e12)),
-    ("A10", (0.6e12, 125e12)),
-    ("RTX 4090", (1.008e12, 165e12)),
-    ("RTX 3090", (0.936e12, 71e12)),
-]
-
 WIDTHS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # GPT-2 widths -> heads (head dim 64)
 GPT2_PARAMS = {768: 124_439_808, 1024: 354_823_168, 1280: 774_030_080, 1600: 1_557_611_200}
 LAYERS = {768: 12, 1024: 24, 1280: 36, 1600: 48}
 BATCH, SEQ, HEAD_DIM = 16, 1024, 64
-
-
-def gpu_peaks(name: str) -> tuple[float, float] | None:
-    """(HBM bytes/s, bf16 FLOP/s) for a torch.cuda.get_device_name(), or None if unknown."""
-    hits = [(len(frag), peaks) for frag, peaks in KNOWN_GPUS if _contains_word(name, frag)]
-    return max(hits, key=lambda h: h[0])[1] if hits else None
-
-
-def _contains_word(name: str, frag: str) -> bool:
-    """`frag` in `name`, case-insensitive, not running on into a letter or digit: "L4" is in "NVIDIA L4"
-    but not in "NVIDIA L40S", "A10" not in "A100"."""
-    name, frag = name.lower(), frag.lower()
-    start = name.find(frag)
-    while start >= 0:
-        end = start + len(frag)
-        if end == len(name) or not name[end].isalnum():
-            return True
-        start = name.find(frag, start + 1)
-    return False
 
 
 @dataclass

@@ -37,14 +37,45 @@ from pathlib import Path
 LOG_TXT = "log.txt"
 METRICS = "metrics.jsonl"
 
-# Dense bf16 tensor-core peak FLOP/s by torch.cuda.get_device_name() fragment, most specific first
-# (the same figures as bench/roofline.py). FASTGPT_PEAK_TFLOPS overrides, e.g. for an unlisted GPU; it is
-# also the only way to get an MFU figure on a CPU, whose peak no table knows.
-PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
+# torch.cuda.get_device_name() fragments -> (HBM bytes/s, dense bf16 tensor-core FLOP/s), for the training log's MFU
+# and bench's roofline and report; the longest fragment in the name wins
+# ("GH200" over "H200", "L40S" over "L40" over "L4", "H100 PCIe" over "H100").
+KNOWN_GPUS = [
+    ("H100 PCIe", (2.0e12, 756e12)),
+    ("H100 NVL", (3.9e12, 835e12)),
+    ("H100", (3.35e12, 989e12)),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    ("H200", (4.8e12, 989e12)),
+    ("GH200", (4.0e12, 989e12)),
+    ("A100-SXM4-40GB", (1.555e12, 312e12)),
+    ("A100-PCIE-40GB", (1.555e12, 312e12)),
+    ("A100 80GB PCIe", (1.935e12, 312e12)),
+    ("A100", (2.039e12, 312e12)),
+    ("L40S", (0.864e12, 362e12)),
+    ("L40", (0.864e12, 181e12)),
+    ("L4", (0.3e12, 121e12)),
+    ("A10", (0.6e12, 125e12)),
+    ("RTX 4090", (1.008e12, 165e12)),
+    ("RTX 3090", (0.936e12, 71e12)),
 ]
+
+
+def gpu_peaks(name: str) -> tuple[float, float] | None:
+    """(HBM bytes/s, bf16 FLOP/s) for a torch.cuda.get_device_name(), or None if unknown."""
+    hits = [(len(frag), peaks) for frag, peaks in KNOWN_GPUS if _contains_word(name, frag)]
+    return max(hits, key=lambda h: h[0])[1] if hits else None
+
+
+def _contains_word(name: str, frag: str) -> bool:
+    """`frag` in `name`, case-insensitive, not running on into a letter or digit: "L4" is in "NVIDIA L4"
+    but not in "NVIDIA L40S", "A10" not in "A100"."""
+    name, frag = name.lower(), frag.lower()
+    start = name.find(frag)
+    while start >= 0:
+        end = start + len(frag)
+        if end == len(name) or not name[end].isalnum():
+            return True
+        start = name.find(frag, start + 1)
+    return False
 
 
 def peak_flops(device) -> float | None:
@@ -56,8 +87,8 @@ def peak_flops(device) -> float | None:
 
     if getattr(device, "type", device) != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for frag, f in PEAK_BF16_FLOPS if frag.lower() in name.lower()), None)
+    peaks = gpu_peaks(torch.cuda.get_device_name(device))
+    return peaks[1] if peaks else None
 
 
 def fmt_duration(seconds: float) -> str:
