@@ -28,17 +28,17 @@ FLOP_CONVENTION = "causal"  # attention counted as the causal kernel computes it
 
 def train_flops_per_token(n_params: int, n_layer: int, n_embd: int, T: int) -> float:
     """Model FLOPs of one training token (forward + backward), the one convention fastgpt uses for MFU
-    (GPT.estimate_mfu, the training log), the roofline and the bench report: CAUSAL attention.
+    (GPT.estimate_mfu), the roofline and the bench report: CAUSAL attention.
 
         6 * N          the matmuls with the weights (N = parameters without wpe; the tied wte counts once,
                        as the lm_head matmul), 2 FLOPs a multiply-add, backward twice the forward
       + 6 * L * C * T  attention scores QK^T and PV: 4 * C * T FLOPs a token a layer forward if every key
                        were visited; the causal mask halves that (the kernel skips the tiles above the
-                       diagonal) and the backward doubles it: 3 * (4 * C * T) / 2.
+                       diagonal), and forward + backward is 3x the forward: 3 * (4 * C * T) / 2.
 
     nanoGPT and PaLM count full attention (12 * L * C * T): for the same speed this convention gives an
-    MFU 6.6 % lower than theirs at GPT-2 small, T = 1024. Recomputation in the backward (the flash kernel recomputes QK^T) is
-    hardware work, not model FLOPs, and is not counted.
+    MFU 6.6 % lower than theirs at GPT-2 small, T = 1024. Recomputation in the backward (the flash
+    kernel recomputes QK^T) is hardware work, not model FLOPs, and is not counted.
     """
     return 6 * n_params + 6 * n_layer * n_embd * T
 

@@ -264,7 +264,8 @@ def _run(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2
     # The key: what the tables encode. Not the hyperparameter values (written below), not where the
     # grads are (autograd may allocate them anew each step: their offsets are refreshed below).
     key = (str(device), tuple(rows), tuple((k, tuple(idx)) for k, idx in classes.items()),
-           tuple((p.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel()) for p, m, v in zip(params, exp_avgs, exp_avg_sqs)))
+           tuple((p.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel())
+                 for p, m, v in zip(params, exp_avgs, exp_avg_sqs)))
     plan = _PLANS.get(key)
     delta = _step_delta(plan, steps) if plan is not None else None
     block = INTERPRET_BLOCK if interpreting() else BLOCK

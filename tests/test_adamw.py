@@ -280,8 +280,10 @@ def test_moved_grads_update_only_their_offsets(kernel_device):
     our_p, ours = _make(FusedAdamW, base, lr=1e-2)
     def set_grads(step):
         gen = torch.Generator().manual_seed(step)
-        for a, b in zip(ref_p, our_p):
+        for a in ref_p:
             a.grad = torch.randn(a.shape, generator=gen).to(kernel_device)
+        # allocated last-to-first on odd steps: the grads' layout relative to each other changes
+        for a, b in list(zip(ref_p, our_p))[::-1 if step % 2 else 1]:
             b.grad = a.grad.clone()
 
     set_grads(0)

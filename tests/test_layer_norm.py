@@ -236,8 +236,8 @@ def test_ops_layer_norm_without_affine(kernel_device):
     from fastgpt import ops
 
     x = torch.randn(2, 3, 64, device=kernel_device)
-    torch.testing.assert_close(ops.layer_norm(x, None, None, EPS, "triton"), ops.layer_norm(x, None, None, EPS, "torch"),
-                               atol=1e-5, rtol=1e-5)
+    ours, ref = ops.layer_norm(x, None, None, EPS, "triton"), ops.layer_norm(x, None, None, EPS, "torch")
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_blocks_per_sm_rule():
