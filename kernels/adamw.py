@@ -26,10 +26,10 @@ not (a view at an odd offset, an odd-sized bias) goes into a second launch compi
 alignment hints.
 
 Skipping an update on the device: `found_inf` (a 0-d fp32 device tensor, torch's AMP protocol, so
-`torch.amp.GradScaler` and the trainer use it as they use torch's fused AdamW) is read by every program;
-where it is nonzero each tensor counts as empty, every load and store is masked off, p, m and v stay untouched and the host never
-waits for the flag. The step counts live on the host and cannot see it: they advance, and a caller that
-learns the step was skipped calls `undo_step_count()`.
+`torch.amp.GradScaler` and the trainer use it as they use torch's fused AdamW) is read by every
+program; where it is nonzero each tensor counts as empty, every load and store is masked off, p, m
+and v stay untouched, and the host never waits for the flag. The step counts live on the host and
+cannot see it: they advance, and a caller that learns the step was skipped calls `undo_step_count()`.
 
 Limits: params, m, v fp32 and contiguous; grads fp32, bf16 or fp16 (made contiguous if needed;
 sparse grads are rejected). Unsupported torch options (amsgrad, maximize, foreach, capturable,
