@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from _train_util import SHAKESPEARE, add_nano, log_records, nano_args, one_thread, steps  # noqa: F401
+from _train_util import SHAKESPEARE, log_records, nano_args, one_thread, steps  # noqa: F401
 from fastgpt import data, train
 from fastgpt.config import PRESETS, GPTConfig, TrainConfig
-from fastgpt.train import StopRequest, Trainer, TrainError, choose_dtype, main
+from fastgpt.train import Trainer, TrainError, choose_dtype, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
