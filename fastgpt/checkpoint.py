@@ -99,7 +99,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
     """torch.load with weights_only=True; any failure becomes a CheckpointError naming the file."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint (pass a file such as {checkpoint_path(path, 1000)})")
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint "
+                              f"(pass a file such as {checkpoint_path(path, 1000)})")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)

@@ -339,7 +339,8 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
 def _is_collective_timeout(e: BaseException) -> bool:
     """gloo: "Timed out waiting Nms for recv operation"; also its peer-gone variants, which follow a timeout."""
     text = str(e)
-    return isinstance(e, dist.DistError) or "Timed out" in text or "timed out" in text or "Connection closed by peer" in text
+    signs = ("Timed out", "timed out", "Connection closed by peer")
+    return isinstance(e, dist.DistError) or any(m in text for m in signs)
 
 
 @dataclass

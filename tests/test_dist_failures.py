@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_util import SHAKESPEARE, env, nano_args, steps, write_entry
+from _train_util import SHAKESPEARE, env, nano_args, write_entry
 from fastgpt import data
 
 # Each worker writes its pid to pid_RANK so the test can signal one of them.
@@ -65,7 +65,8 @@ def test_frozen_rank_ends_the_job_naming_step_and_rank(shakespeare, tmp_path):
     line = err[-1]
     print(f"\n{line.strip()} (after {waited:.1f} s)")
     assert re.match(r"error: rank 0 waited more than 4 s \(--dist_timeout\) for the other ranks in a collective at "
-                    r"step (\d+); rank 1 \(last finished step (\d+)\) has not responded for \d+ s\. A rank is frozen", line), "".join(err)
+                    r"step (\d+); rank 1 \(last finished step (\d+)\) has not responded for \d+ s\. A rank is frozen",
+                    line), "".join(err)
     assert 4 <= waited < 60
     assert p.returncode != 0
 
@@ -94,15 +95,18 @@ def test_sigterm_under_torchrun_saves_once_and_exits_as_readme_says(shakespeare,
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     out = "".join(lines) + out
-    saved = re.findall(r"^stopped at step (\d+): checkpoint saved to (\S+)\. Run the same command to resume\.$", out, re.M)
+    saved = re.findall(r"^stopped at step (\d+): checkpoint saved to (\S+)\. Run the same command to resume\.$", out,
+                       re.M)
     assert len(saved) == 1, out + err  # rank 0 writes one checkpoint, once
     step, path = saved[0]
-    assert torch.load(path)["step"] == int(step) and [q.name for q in (tmp_path / "log").glob("*.pt")] == [Path(path).name]
+    assert torch.load(path)["step"] == int(step)
+    assert [q.name for q in (tmp_path / "log").glob("*.pt")] == [Path(path).name]
     assert "ChildFailedError" not in err  # no worker failed
     readme = " ".join(README.read_text().split())
     if target == "launcher":
         assert p.returncode == 1
-        launcher = re.search(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: Process \d+ got signal: 15", err)
+        launcher = re.search(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: "
+                             r"Process \d+ got signal: 15", err)
         assert launcher, err
         # README quotes the launcher's last line and its exit code.
         assert "SignalException: Process PID got signal: 15" in readme and "torchrun itself exits 1" in readme

@@ -1,15 +1,12 @@
 """Bad input is one `error:` line naming the flag or file (issue 15, item 8): training flags, generate's
 sampling flags, HellaSwag files and flags, `prepare text` inputs and damaged shards."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _train_util import env
 from fastgpt import GPT, GPTConfig, checkpoint as ck, cli, data
 from fastgpt.hellaswag import HellaSwagFormatError, evaluate, load_examples
 from fastgpt.train import main
@@ -121,7 +118,8 @@ def test_prepare_text_on_a_directory_says_so(tmp_path, capsys):
     (tmp_path / "texts").mkdir()
     rc = cli.main(["prepare", "text", str(tmp_path / "texts"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 1 and err == f"error: {tmp_path / 'texts'}: is a directory; pass the text files in it (e.g. {tmp_path / 'texts'}/*.txt)\n"
+    d = tmp_path / "texts"
+    assert rc == 1 and err == f"error: {d}: is a directory; pass the text files in it (e.g. {d}/*.txt)\n"
 
 
 def test_shard_numbering_gap_warns(tmp_path, capsys):

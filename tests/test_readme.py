@@ -2,14 +2,10 @@
 
 The blocks run in a fresh interpreter without TRITON_INTERPRET (as in a user's shell), in a directory
 holding what README's earlier commands would have left there: log/model_00200.pt from the quick start."""
-import os
 import re
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
-
-import torch
 
 from _train_util import ROOT, env
 from fastgpt import GPT, GPTConfig

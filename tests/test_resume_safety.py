@@ -229,7 +229,8 @@ def test_log_dir_that_is_a_file_is_refused_before_step_0(shakespeare, tmp_path, 
 
 @pytest.mark.parametrize("exc, cause", [
     (OSError(28, "No space left on device"), "No space left on device"),
-    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4310"), "unexpected pos 4416 vs 4310"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4310"),
+     "unexpected pos 4416 vs 4310"),
 ])
 def test_failed_checkpoint_write_is_one_error_line(shakespeare, tmp_path, capsys, monkeypatch, exc, cause):
     add_nano(monkeypatch)
