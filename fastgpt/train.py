@@ -407,7 +407,8 @@ class Trainer:
     def log_summary(self) -> None:
         """One block before step 0: what this run is and how long it is."""
         cfg, B, T = self.cfg, self.cfg.micro_batch_size, self.cfg.seq_len
-        dtype = getattr(cfg, "dtype", None) or ("bf16 autocast" if self.cuda else "fp32")
+        # The resolved precision where the step logic sets one (self.dtype), else what this loop uses.
+        dtype = getattr(self, "dtype", None) or ("bf16 autocast" if self.cuda else "fp32")
         train_tokens = self.train_loader.total * B * T
         epochs = cfg.max_steps * cfg.total_batch_size / max(1, train_tokens)
         watch = []
