@@ -49,6 +49,7 @@ def plot_runs(paths: list[str | Path], out: str | Path, labels: list[str] | None
         axes[2].set_ylabel("HellaSwag acc_norm")
         axes[2].axhline(0.25, color="grey", ls="--", lw=0.8)  # chance: 4 endings
         axes[2].grid(alpha=0.3)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return fig
