@@ -430,9 +430,9 @@ TABLES: dict[str, dict[str, list[Tile]]] = {
         "dkdv": [_t(32, 64, 4, 3), _t(32, 128, 8, 2), _t(32, 64, 4, 4, 64), _t(64, 64, 4, 3, 64)],
         "dq": [_t(64, 32, 4, 3), _t(64, 64, 4, 3), _t(128, 32, 8, 3), _t(128, 64, 8, 3, 64)],
     },
-    "sm86": {  # RTX 30xx: 99 KB per block; at D=128 the 4-warp tiles of sm80 spill or overflow it
+    "sm86": {  # RTX 30xx: 99 KB per block; at D=128 sm80's fwd 128x64 w8 spills, dQ 64x64 w4 needs 104 KB
         "fwd": [_t(64, 64, 4, 3), _t(128, 64, 4, 3, 64), _t(128, 32, 4, 3), _t(64, 64, 8, 3)],
-        "dkdv": [_t(32, 64, 4, 3), _t(32, 128, 8, 2), _t(32, 64, 4, 4, 64), _t(64, 64, 8, 2)],
+        "dkdv": [_t(32, 64, 4, 3), _t(32, 128, 8, 2), _t(32, 64, 4, 4, 64)],
         "dq": [_t(64, 32, 4, 3), _t(128, 32, 8, 3), _t(64, 64, 8, 2), _t(128, 64, 8, 3, 64)],
     },
     "sm90": {  # H100: 227 KB per block, wgmma
@@ -441,26 +441,27 @@ TABLES: dict[str, dict[str, list[Tile]]] = {
         "dq": [_t(64, 64, 4, 3), _t(128, 64, 8, 2, 64), _t(128, 32, 8, 3), _t(64, 32, 4, 3)],
     },
     "sm100": {  # B200: 227 KB per block, tcgen05 (accumulators in tensor memory: fewer registers)
-        "fwd": [_t(128, 64, 8, 3), _t(128, 128, 8, 2), _t(64, 64, 4, 3), _t(128, 64, 4, 3, 64)],
+        "fwd": [_t(128, 64, 8, 3), _t(128, 128, 8, 2), _t(128, 64, 4, 3, 64)],
         "dkdv": [_t(64, 64, 4, 3), _t(64, 128, 8, 1), _t(32, 64, 4, 3), _t(32, 128, 8, 2, 64)],
         "dq": [_t(64, 64, 4, 3), _t(128, 64, 8, 2), _t(128, 32, 8, 3), _t(64, 32, 4, 3)],
     },
     "sm120": {  # RTX 50xx: mma.sync, 99 KB per block; its ptxas spills more at D=128: 8-warp tiles there
         "fwd": [_t(64, 64, 8, 3), _t(128, 64, 8, 3, 64), _t(64, 32, 4, 3), _t(128, 32, 8, 2)],
-        "dkdv": [_t(32, 64, 8, 3), _t(64, 64, 8, 2), _t(32, 64, 4, 4), _t(32, 128, 8, 2, 64)],
+        "dkdv": [_t(32, 64, 8, 3), _t(32, 64, 4, 4), _t(32, 128, 8, 2, 64)],
         "dq": [_t(64, 32, 8, 3), _t(64, 64, 8, 2), _t(128, 32, 8, 2), _t(64, 32, 4, 3)],
     },
 }
 TABLES["sm89"] = TABLES["sm86"]  # RTX 40xx, L4: same mma.sync and 99 KB as 8.6; compiled for sm_89 on its own
 # fp32 inputs (accepted, not fast): IEEE fp32 dots run on FMA units, where each thread holds its share of
-# every fp32 operand tile: 4-warp tiles spill at D=128 (and on some archs at 64), so small tiles in 8
-# warps, the same on every arch, one per kernel, no tuning.
-_FP32 = {"fwd": [_t(32, 32, 8, 2)], "dkdv": [_t(16, 32, 8, 2)], "dq": [_t(32, 32, 8, 2)]}
+# every fp32 operand tile: larger tiles spill at D=128 (on sm_90a and up even 32x32 in 8 warps), so
+# small tiles, the same on every arch, one per kernel and head dim (no tuning).
+_FP32 = {"fwd": [_t(32, 32, 8, 2, 64), _t(16, 16, 4, 2)], "dkdv": [_t(16, 32, 8, 2)],
+         "dq": [_t(32, 32, 8, 2, 64), _t(16, 16, 4, 2)]}
 FP32_TABLES: dict[str, dict[str, list[Tile]]] = {name: _FP32 for name in TABLES}
 # Under the interpreter: one small config each, BLOCK_M != BLOCK_N so the straddling diagonal
 # tiles are exercised.
 INTERP_TILES = {"fwd": _t(64, 32, 4, 1), "dkdv": _t(32, 64, 4, 1), "dq": _t(64, 32, 4, 1)}
-PRE_BLOCK_M = 64
+PRE_BLOCK_M = 32  # 64 rows spill a few bytes on sm_100a (ptxas 13) at D=64
 
 
 def tiles_for(kernel: str, table: str, dtype: torch.dtype, head_dim: int) -> list[Tile]:
