@@ -552,6 +552,14 @@ class Trainer:
                 raise TrainError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
         self.sample_every = max(1, cfg.max_steps // 4) if cfg.sample_interval == -1 else cfg.sample_interval
         self.hellaswag_examples = None
+        from .tokenizer import N_VOCAB
+
+        if self.gcfg.vocab_size < N_VOCAB:  # a model over another vocabulary: GPT-2 text means nothing to it
+            for name in ("sample_interval", "hellaswag_interval"):
+                if getattr(cfg, name) > 0:
+                    raise TrainError(f"--{name} needs the GPT-2 vocabulary; this model has {self.gcfg.vocab_size} "
+                                     f"tokens (pass --{name} 0)")
+            self.sample_every = 0
         if cfg.hellaswag_interval > 0:
             if not cfg.hellaswag_data:
                 raise TrainError("--hellaswag_interval needs --hellaswag_data FILE (a HellaSwag .jsonl, e.g. "
@@ -896,7 +904,8 @@ class Trainer:
         out = self.raw.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=gen)
         self.raw.train()
         if self.master:
-            text = enc.decode(out[0, idx.shape[1]:].tolist())
+            # A vocabulary padded past GPT-2's (e.g. 50304) may yield ids no tokenizer knows: leave them out.
+            text = enc.decode([t for t in out[0, idx.shape[1]:].tolist() if t < enc.n_vocab])
             self.log(f"sample at step {done}:\n{cfg.sample_prompt + text}")
             self.runlog.sample(done, cfg.sample_prompt, text)
 

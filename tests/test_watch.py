@@ -403,3 +403,15 @@ def test_cuda_step_lines_carry_mfu(corpus, tmp_path, capsys, monkeypatch):
     lines = [x for x in out.splitlines() if x.startswith("step ")]
     assert len(lines) == 4 and all(re.search(ETA + r" \| mfu: \d+\.\d%$", x) for x in lines), lines
     assert all(0 < r["mfu"] < 1 for r in train_records(tmp_path))
+
+
+def test_samples_need_the_gpt2_vocabulary(corpus, tmp_path, capsys, monkeypatch):
+    from fastgpt.config import PRESETS, GPTConfig
+
+    monkeypatch.setitem(PRESETS, "small_vocab", GPTConfig(block_size=64, vocab_size=50000, n_layer=1, n_head=2,
+                                                           n_embd=32))
+    args = nano_args(corpus, tmp_path, steps_=2)
+    args[args.index("--model") + 1] = "small_vocab"
+    with pytest.raises(SystemExit):
+        main(args + ["--sample_interval", "1"])
+    assert "--sample_interval needs the GPT-2 vocabulary; this model has 50000 tokens" in capsys.readouterr().err
