@@ -331,9 +331,6 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
         if trainer.ddp and _is_collective_timeout(e):
             raise TrainError(trainer.timeout_message(e)) from None
         raise
-    finally:
-        if getattr(trainer, "lock", None) is not None:
-            trainer.lock.release()
 
 
 def _is_collective_timeout(e: BaseException) -> bool:
@@ -365,7 +362,8 @@ class Trainer:
     """One training run. Read top to bottom: the methods follow the order a run goes through them.
 
     __init__  -> setup_distributed, resolve_config, build_data, build_model   (nothing trained yet)
-    run       -> resume, wrap_model, then per step: train_step, log_step, maybe evaluate, maybe save
+    run       -> under the log directory's lock, train_loop: resume, wrap_model, warm_up_kernels, then per
+                 step: train_step, log_step, check_divergence, maybe evaluate / HellaSwag / sample, maybe save
     """
 
     def __init__(self, cfg: TrainConfig, given: set[str] = frozenset()):
@@ -850,16 +848,18 @@ class Trainer:
                 "overflow": "overflowed in fp16 although the loss scaler kept lowering its scale"}[r.skip]
         extra = (" If the data changed on purpose (a new dataset or task), the guard is comparing with the old "
                  "losses: pass --spike_guard 0 for the first steps." if r.skip == "spike" else "")
+        lower = f"{self.cfg.max_lr / 2:g}"
         raise TrainError(f"{n} steps in a row {what}; the run is diverging. Lower the learning rate (e.g. "
-                         f"--max_lr {self.cfg.max_lr / 2:g}) and {self.resume_advice()}.{extra}")
+                         f"--max_lr {lower}) and {self.resume_advice(lower)}.{extra}")
 
-    def resume_advice(self) -> str:
-        """How to go on after a divergence: from the newest healthy checkpoint, named."""
+    def resume_advice(self, lower_lr: str) -> str:
+        """How to go on after a divergence: from the newest healthy checkpoint, named, with flags that the
+        changed-run check accepts (a new --max_lr must be allowed explicitly)."""
         path = self.last_healthy or getattr(self, "resumed_from", None)
         if path is None:
             return f"start over (no healthy checkpoint was written yet): remove {self.log_dir} or pass a new --log_dir"
         return (f"resume from the newest healthy checkpoint, {path}: run the same command with "
-                f"--resume_from {path} and the lower --max_lr")
+                f"--resume_from {path} --max_lr {lower_lr} --allow_changed max_lr")
 
     def evaluate(self) -> float:
         """Mean validation loss over the first eval_steps x eval_batch sequences of the val split, whatever
@@ -1124,12 +1124,20 @@ class Trainer:
     # The loop
     # --------------------------------------------------------------------------------------------
     def run(self) -> int:
-        cfg = self.cfg
+        """The whole run under the log directory's lock, released however the run ends (an error included)."""
         # One run per log directory; taking the lock also proves the directory is writable before step 0.
         self.lock = RunLock(self.log_dir).acquire() if self.master else None
-        if self.lock is not None and self.lock.took_over:
-            self.log(f"note: took over {self.lock.path} from a run that ended without releasing it "
-                     f"({self.lock.took_over})")
+        try:
+            if self.lock is not None and self.lock.took_over:
+                self.log(f"note: took over {self.lock.path} from a run that ended without releasing it "
+                         f"({self.lock.took_over})")
+            return self.train_loop()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def train_loop(self) -> int:
+        cfg = self.cfg
         self.resume()
         if self.start_step >= cfg.max_steps:
             self.log(f"{self.resumed_from} is already at step {self.start_step} >= --max_steps {cfg.max_steps}: "

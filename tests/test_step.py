@@ -5,6 +5,7 @@ import contextlib
 import math
 import shutil
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -380,6 +381,19 @@ def test_weight_blowup_writes_no_checkpoint_and_names_the_healthy_one(chars, tmp
     assert f"The newest healthy one is {healthy}" in out
     assert f"resume from the newest healthy checkpoint, {healthy}" in str(e.value)
     assert f"--resume_from {healthy}" in str(e.value)
+    # The advice, pasted: it resumes from that checkpoint with the lower learning rate.
+    monkeypatch.setattr(Trainer, "apply_update", real)
+    import re
+    import shlex
+
+    from fastgpt.train import parse_args
+
+    advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed max_lr)",
+                       str(e.value)).group(1)
+    flags, given = parse_args(shlex.split(advice))
+    cfg = micro_cfg(chars, tmp_path, max_steps=20, eval_interval=2, checkpoint_interval=2, keep_checkpoints=1)
+    assert run(replace(cfg, **{k: getattr(flags, k) for k in given})) == 0
+    assert f"resuming from {healthy} (step 4" in capsys.readouterr().out
 
 
 def test_max_lr_1e6_never_writes_a_checkpoint(chars, tmp_path, micro, capsys):
