@@ -475,7 +475,7 @@ def test_attention_configs_go_into_the_checkpoint_and_back(chars, tmp_path, micr
     assert torch.load(tmp_path / "model_00002.pt")["attention_configs"] == TABLE
     assert not installed
     capsys.readouterr()
-    assert run(micro_cfg(chars, tmp_path, max_steps=3, checkpoint_interval=3)) == 0
+    assert run(micro_cfg(chars, tmp_path, max_steps=3, checkpoint_interval=3, allow_changed="max_steps")) == 0
     assert installed == [TABLE]
     assert "attention: launching the 1 kernel configs recorded in the checkpoint" in capsys.readouterr().out
 
@@ -505,7 +505,7 @@ def test_recorded_attention_configs_reach_the_launcher(chars, tmp_path, micro, m
     real = kernels.install_attention_configs
     monkeypatch.setattr(kernels, "install_attention_configs", lambda t: seen.append(t) or real(t))
     assert run(micro_cfg(chars, tmp_path, kernels="triton", total_batch_size=32, micro_batch_size=2, seq_len=16,
-                         max_steps=2, checkpoint_interval=2)) == 0
+                         max_steps=2, checkpoint_interval=2, allow_changed="max_steps")) == 0
     assert seen == [saved]
     assert kernels.attention_configs() == saved  # the resumed process launched exactly those
     kernels.clear_attention_configs()
