@@ -85,6 +85,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     compile: bool = False
     kernels: str = "auto"
+    shard: str = "ddp"  # ddp | zero1 | fsdp: what each rank keeps (fastgpt/distributed.py)
+    activation_checkpointing: bool = False  # recompute each block in the backward instead of storing it
 
     @classmethod
     def field_names(cls) -> list[str]:

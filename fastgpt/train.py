@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
+from . import distributed
 from .config import KERNEL_CHOICES, PRESETS, GPTConfig, TrainConfig
 from .data import DataError, ShardLoader
+from .distributed import SHARD_MODES, to_cpu as _to_cpu  # noqa: F401 (_to_cpu: tests)
 from .model import GPT
 
 # With no GPU and no --model, these replace the GPU-sized defaults for every flag the user did not give:
@@ -66,6 +68,10 @@ HELP = {
     "grad_clip": "clip the global gradient norm to this (0: no clipping)",
     "compile": "torch.compile the model",
     "kernels": "auto (Triton on CUDA), triton or torch",
+    "shard": "with several ranks: ddp (full copy per rank), zero1 (AdamW state sharded) or fsdp (weights, "
+             "gradients and AdamW state sharded, FSDP2); checkpoints are the same whichever you use",
+    "activation_checkpointing": "recompute each block's activations in the backward (less memory, ~1/3 more "
+                                "compute, same losses)",
 }
 
 
@@ -79,8 +85,10 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         d = getattr(defaults, f.name)
         # default=None everywhere so we can tell which flags were given (CPU defaults fill the rest).
-        if f.name == "compile":
-            p.add_argument("--compile", action="store_true", default=None, help=HELP[f.name])
+        if f.name in ("compile", "activation_checkpointing"):
+            p.add_argument(f"--{f.name}", action="store_true", default=None, help=HELP[f.name])
+        elif f.name == "shard":
+            p.add_argument("--shard", choices=SHARD_MODES, default=None, help=f"{HELP[f.name]} [{d}]")
         elif f.name == "kernels":
             p.add_argument("--kernels", choices=KERNEL_CHOICES, default=None, help=f"{HELP[f.name]} [{d}]")
         elif f.name == "device":
@@ -129,23 +137,6 @@ def grad_accum_steps(cfg: TrainConfig, world: int) -> int:
             f"--total_batch_size {cfg.total_batch_size} is not a multiple of micro_batch_size x seq_len x "
             f"world_size = {cfg.micro_batch_size} x {cfg.seq_len} x {world} = {per}. Values that divide: {hint}")
     return cfg.total_batch_size // per
-
-
-def _to_cpu(obj, _seen=None):
-    """CPU copies of every tensor in obj. Tensors that alias one another (the tied wte/lm_head
-    weight) map to one copy, so torch.save writes their storage once, as it does on CPU."""
-    seen = {} if _seen is None else _seen
-    if isinstance(obj, torch.Tensor):
-        key = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape),
-               obj.stride(), obj.dtype)
-        if key not in seen:
-            seen[key] = obj.detach().cpu()
-        return seen[key]
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v, seen) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v, seen) for v in obj)
-    return obj
 
 
 class StopRequest:
@@ -304,6 +295,10 @@ class Trainer:
         if cfg.seq_len > self.gcfg.block_size:
             raise TrainError(f"--seq_len {cfg.seq_len} exceeds the {self.model_name} block size "
                              f"{self.gcfg.block_size}")
+        if cfg.shard not in SHARD_MODES:
+            raise TrainError(f"--shard must be one of {', '.join(SHARD_MODES)}, got {cfg.shard!r}")
+        if cfg.shard != "ddp" and self.world == 1:
+            self.notes.append(f"--shard {cfg.shard} with a single process: nothing to shard, training as one process")
         self.accum = grad_accum_steps(cfg, self.world)
         return cfg
 
@@ -324,6 +319,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.set_float32_matmul_precision("high")
         self.raw = GPT(self.gcfg).to(self.device)
+        self.raw.activation_checkpointing = cfg.activation_checkpointing
         self.optimizer = self.raw.configure_optimizers(weight_decay=cfg.weight_decay, lr=cfg.max_lr,
                                                        device_type=self.device.type)
         self.params = [p for p in self.raw.parameters() if p.requires_grad]
@@ -347,11 +343,12 @@ class Trainer:
                 print(f"removed {p}, left by an interrupted checkpoint write")
         path, state = ckpt_io.load_latest(self.log_dir, warn=self.master)
         self.resumed_from = path if state is not None else None
+        self.optimizer_state = None
         if state is None:
             return
         _check_resume_config(path, state["config"], self.gcfg, self.model_name)
         self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer_state = state["optimizer"]  # wrap_model loads it, into the sharded optimizer if any
         self.train_loader.load_state_dict(state["loader"])
         ckpt_io.set_rng_state(state["rng"])
         self.start_step, self.last_val = int(state["step"]), state.get("val_loss")
@@ -359,13 +356,15 @@ class Trainer:
         self.log(f"resuming from {path} (step {self.start_step}{vl})")
 
     def wrap_model(self) -> None:
-        """torch.compile and DDP around the raw model; `core` is what evaluation calls (no DDP)."""
-        self.core = torch.compile(self.raw) if self.cfg.compile else self.raw
-        self.model = self.core
+        """--shard (DDP, ZeRO-1 or FSDP2) and torch.compile around the raw model; `core` is what evaluation
+        calls (no DDP). zero1 and fsdp replace the optimizer by a sharded one; a resumed state goes into it."""
+        self.model, self.core, self.optimizer = distributed.wrap(
+            self.raw, self.optimizer, self.cfg.shard, self.world, self.device, compile=self.cfg.compile,
+            param_dtype=torch.bfloat16 if self.cuda else None, optimizer_state=self.optimizer_state)
+        self.optimizer_state = None
+        self.params = [p for p in self.raw.parameters() if p.requires_grad]  # fsdp's are new (sharded) ones
         if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.core, device_ids=[self.device.index] if self.cuda else None)
+            self.log(distributed.describe(self.cfg.shard, self.world, self.cuda))
 
     # --------------------------------------------------------------------------------------------
     # One step, evaluation, checkpoint
@@ -381,7 +380,8 @@ class Trainer:
             x, y = self.train_loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # Gradients cross ranks only once per step: on the last micro-step.
-            sync = contextlib.nullcontext() if not self.ddp or micro == self.accum - 1 else model.no_sync()
+            sync = (contextlib.nullcontext() if not distributed.defers_grad_sync(model) or micro == self.accum - 1
+                    else model.no_sync())
             with sync:
                 with self.autocast():
                     _, loss = model(x, y, return_logits=False)
@@ -392,7 +392,7 @@ class Trainer:
             dist.all_reduce(loss_sum)
             loss_sum /= self.world
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        norm = distributed.clip_grad_norm_(self.params, clip)
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -451,25 +451,32 @@ class Trainer:
             with open(self.log_file, "a") as f:
                 f.write(f"{done} val {self.last_val!r}\n")
 
-    def checkpoint_state(self, step: int) -> dict:
-        """Plain dicts and CPU tensors only, so torch.load(weights_only=True) opens it."""
+    def checkpoint_state(self, step: int) -> dict | None:
+        """Plain dicts and CPU tensors only, so torch.load(weights_only=True) opens it. The full model and
+        optimizer state whatever --shard and world size made them; every rank calls this (gathering sharded
+        state is collective) and rank 0 gets the dict, the others None."""
+        model_sd, optim_sd = distributed.full_state_dicts(self.raw, self.optimizer)
+        if not self.master:
+            return None
         return {
             "config": asdict(self.raw.config),
-            "model": _to_cpu(self.raw.state_dict()),
-            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "step": step,
             "val_loss": self.last_val,
             "loader": self.train_loader.state_dict(),
             "rng": ckpt_io.rng_state(),
             "train_config": asdict(self.cfg),
             "world_size": self.world,
+            "shard": self.cfg.shard,
         }
 
     def save(self, step: int) -> Path:
         """Rank 0 writes model_{step}.pt atomically and applies --keep_checkpoints; all ranks wait for it."""
         p = ckpt_io.checkpoint_path(self.log_dir, step)
+        state = self.checkpoint_state(step)
         if self.master:
-            ckpt_io.save_atomic(self.checkpoint_state(step), p)
+            ckpt_io.save_atomic(state, p)
             if self.cfg.keep_checkpoints > 0:
                 for _, old in ckpt_io.list_checkpoints(self.log_dir)[:-self.cfg.keep_checkpoints]:
                     if old != p:
