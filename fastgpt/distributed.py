@@ -21,6 +21,8 @@ integer-keyed `Optimizer.state_dict()` format, so it loads into `torch.optim.Ada
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -91,10 +93,8 @@ def wrap(raw: nn.Module, optimizer: torch.optim.Optimizer, mode: str, world: int
 
         model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
     if world > 1 and mode == "zero1":
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
         names = {id(p): n for n, p in raw.named_parameters()}
-        optimizer = ZeroRedundancyOptimizer(_regroup(optimizer, names, dict(raw.named_parameters())),
+        optimizer = _zero()(_regroup(optimizer, names, dict(raw.named_parameters())),
                                             optimizer_class=type(optimizer), **_optimizer_kwargs(optimizer))
     if optimizer_state is not None:
         load_optimizer_state(raw, optimizer, optimizer_state)
@@ -115,7 +115,22 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor
 # ------------------------------------------------------------------------------------------------
 # Full, plain state dicts
 # ------------------------------------------------------------------------------------------------
+def _zero():
+    """torch's ZeroRedundancyOptimizer class; its module jit-scripts helpers at import, which warns of
+    torch.jit's deprecation on every rank: internal to torch, and nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    return ZeroRedundancyOptimizer
+
+
+def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
+    return dist.is_initialized() and isinstance(optimizer, _zero())
+
+
 def _is_sharded(model: nn.Module) -> bool:
+    if not dist.is_initialized():
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -154,8 +169,6 @@ def full_state_dicts(raw: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
 
     A collective under zero1 and fsdp: every rank must call it.
     """
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     if _is_sharded(raw):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -171,7 +184,7 @@ def full_state_dicts(raw: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
         groups = [dict(g, params=[ids[f] for f in g["params"]]) for g in osd["param_groups"]]
         optim_sd = {"state": {ids[f]: s for f, s in osd["state"].items()}, "param_groups": groups}
         return _retie(raw, dict(model_sd)), to_cpu(optim_sd)
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if _is_zero(optimizer):
         optimizer.consolidate_state_dict(to=0)
         if rank != 0:
             return None, None
@@ -187,8 +200,6 @@ def full_state_dicts(raw: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
 
 def load_optimizer_state(raw: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a full, integer-keyed optimizer state (any checkpoint) into the optimizer of any mode."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
     if _is_sharded(raw):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -198,7 +209,7 @@ def load_optimizer_state(raw: nn.Module, optimizer: torch.optim.Optimizer, state
         osd = {"state": {fqns[i]: s for i, s in state["state"].items()}, "param_groups": groups}
         # Every rank holds the full state (it read the checkpoint) and keeps its own shard of each tensor.
         set_optimizer_state_dict(raw, optimizer, osd, options=StateDictOptions(full_state_dict=True))
-    elif isinstance(optimizer, ZeroRedundancyOptimizer):
+    elif _is_zero(optimizer):
         # ZeRO's load_state_dict blanks the entries other ranks own in the dict it is given
         optimizer.load_state_dict({"state": dict(state["state"]), "param_groups": state["param_groups"]})
     else:
