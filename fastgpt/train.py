@@ -358,9 +358,14 @@ class Trainer:
     def wrap_model(self) -> None:
         """--shard (DDP, ZeRO-1 or FSDP2) and torch.compile around the raw model; `core` is what evaluation
         calls (no DDP). zero1 and fsdp replace the optimizer by a sharded one; a resumed state goes into it."""
+        if self.ddp:
+            try:
+                distributed.check_same_start(self.start_step, self.device)
+            except ValueError as e:
+                raise TrainError(str(e)) from None
         self.model, self.core, self.optimizer = distributed.wrap(
             self.raw, self.optimizer, self.cfg.shard, self.world, self.device, compile=self.cfg.compile,
-            param_dtype=torch.bfloat16 if self.cuda else None, optimizer_state=self.optimizer_state)
+            param_dtype=torch.bfloat16 if self.cuda else None, optimizer_state=getattr(self, "optimizer_state", None))
         self.optimizer_state = None
         self.params = [p for p in self.raw.parameters() if p.requires_grad]  # fsdp's are new (sharded) ones
         if self.ddp:

@@ -6,6 +6,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,44 @@ def test_triton_kernels_and_fused_adamw_inside_fsdp_and_zero1():
     for mode in ("fsdp", "zero1"):
         assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(res[f"{mode}_fused"], res[f"{mode}_torch"]))
         assert res[f"{mode}_param_maxdiff"] < 1e-4
+
+
+def test_ranks_that_resume_from_different_steps_stop_with_a_clear_error(runs, tokens, tmp_path):
+    """As on two machines whose --log_dir is not shared: rank 1 finds no checkpoint, rank 0 finds step 20."""
+    shutil.copy(runs["one"][0] / f"model_{STEPS:05d}.pt", tmp_path)
+    pre = PRE + ("\nimport os\nimport fastgpt.checkpoint as c\nif os.environ['RANK'] == '1':\n"
+                 "    c.load_latest = lambda *a, **k: (None, None)")
+    r = run_train(tmp_path, _args(tokens, tmp_path, "--shard", "fsdp", steps_=STEPS + 2), pre=pre, nproc=2,
+                  check=False)
+    assert r.returncode != 0
+    assert "ranks resumed from different steps (from 0 to 20)" in r.stderr and "--log_dir" in r.stderr
+    assert 'fastgpt/train.py", line' not in r.stderr  # no traceback from the trainer (torchrun prints its own)
+
+
+def test_memory_model_per_rank(tmp_path, capsys):
+    """bench.memory --shard: fsdp holds 1/world of the weights, gradients and AdamW state (FSDP2 on fake
+    tensors), zero1 1/world of the AdamW state; activation checkpointing lowers every peak."""
+    from bench import memory
+
+    out = tmp_path / "ranks.json"
+    assert memory.main(["--model", "tiny", "--batch", "2", "--seq", "128", "--shard", "fsdp", "--world", "2",
+                        "--activation_checkpointing", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| fsdp | 2 | yes |" in text and "Per-rank memory model: tiny" in text
+    rows = {(r["world"], r["activation_checkpointing"]): r for r in json.loads(out.read_text())}
+    rows[(4, False)] = asdict(memory.run_rank("fsdp", "tiny", 2, 128, 4))
+    ddp = memory.run_rank("ddp", "tiny", 2, 128, 1)
+    zero1 = memory._zero1_from(ddp, 4)
+    size = memory.MODELS["tiny"]
+    n = memory.gpt2_params(size["n_layer"], size["n_embd"])
+    opt = ddp.breakdown["Optstate"]
+    assert opt == pytest.approx(8 * n, rel=1e-4)  # allocations rounded to 512 bytes
+    assert zero1.breakdown["Optstate"] == opt - opt * 3 // 4 and zero1.peak_bytes == ddp.peak_bytes - opt * 3 // 4
+    for world in (2, 4):
+        b = rows[(world, False)]["breakdown"]
+        # FSDP2 pads each tensor's dim 0 to a multiple of world: within 1% of an exact 1/world
+        assert b["Sharded Param"] == pytest.approx(4 * n / world, rel=0.01)
+        assert b["OptState"] == pytest.approx(8 * n / world, rel=0.01)
+        assert rows[(world, False)]["peak_bytes"] < ddp.peak_bytes
+    assert rows[(2, True)]["peak_bytes"] < rows[(2, False)]["peak_bytes"]
+    assert rows[(4, False)]["peak_bytes"] < rows[(2, False)]["peak_bytes"]
