@@ -279,6 +279,12 @@ class Trainer:
         """CPU-sized defaults where no GPU is present, the model preset, and flag checks."""
         if not self.cuda and cfg.model is None:
             changed = {k: v for k, v in CPU_DEFAULTS.items() if k not in self.given}
+            if "micro_batch_size" in changed and self.world > 1:
+                # The same steps on several ranks: fewer sequences per rank, so the losses match one process.
+                total = changed.get("total_batch_size", cfg.total_batch_size)
+                seq = changed.get("seq_len", cfg.seq_len)
+                fits = [m for m in range(changed["micro_batch_size"], 0, -1) if total % (m * seq * self.world) == 0]
+                changed["micro_batch_size"] = fits[0] if fits else changed["micro_batch_size"]
             cfg = replace(cfg, **changed)
             flags = " ".join(f"--{k} {v}" for k, v in changed.items() if k != "model")
             self.notes.append(f"no GPU: using the CPU-sized preset '{cfg.model}' with {flags or 'your flags'}; "

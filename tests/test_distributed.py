@@ -276,3 +276,17 @@ def test_memory_model_per_rank(tmp_path, capsys):
         assert rows[(world, False)]["peak_bytes"] < ddp.peak_bytes
     assert rows[(2, True)]["peak_bytes"] < rows[(2, False)]["peak_bytes"]
     assert rows[(4, False)]["peak_bytes"] < rows[(2, False)]["peak_bytes"]
+
+
+def test_cpu_defaults_keep_their_steps_on_several_ranks(tokens, monkeypatch):
+    """`torchrun --nproc_per_node=2 train.py` on a CPU: the preset's 1,024-token steps, 4 sequences per rank."""
+    import fastgpt.train as T
+
+    for world, micro in ((1, 8), (2, 4), (8, 1)):
+        monkeypatch.setattr(T, "setup_distributed", lambda cfg, w=world: (torch.device("cpu"), 0, 0, w))
+        cfg, given = T.parse_args(["--data_root", str(tokens)])
+        t = T.Trainer(cfg, given)
+        assert (t.cfg.total_batch_size, t.cfg.micro_batch_size, t.accum) == (1024, micro, 1)
+    with pytest.raises(T.TrainError, match="--total_batch_size 1024 is not a multiple"):  # 16 x 128 > 1024
+        monkeypatch.setattr(T, "setup_distributed", lambda cfg: (torch.device("cpu"), 0, 0, 16))
+        T.Trainer(*T.parse_args(["--data_root", str(tokens)]))
