@@ -390,7 +390,7 @@ class Trainer:
         for micro in range(self.accum):
             x, y = self.train_loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            # Gradients cross ranks only once per step: on the last micro-step.
+            # ddp/zero1: gradients cross ranks only once per step, on the last micro-step (fsdp: every one).
             sync = (contextlib.nullcontext() if not distributed.defers_grad_sync(model) or micro == self.accum - 1
                     else model.no_sync())
             with sync:
