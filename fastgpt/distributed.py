@@ -80,9 +80,9 @@ def wrap(raw: nn.Module, optimizer: torch.optim.Optimizer, mode: str, world: int
     if mode not in SHARD_MODES:
         raise ValueError(f"--shard must be one of {', '.join(SHARD_MODES)}, got {mode!r}")
     if world > 1 and mode == "fsdp":
-        old_names = {id(p): n for n, p in raw.named_parameters()}
         from torch.distributed.device_mesh import init_device_mesh
 
+        old_names = {id(p): n for n, p in raw.named_parameters()}
         fully_shard_gpt(raw, init_device_mesh(device.type, (world,)), param_dtype)
         # fully_shard swapped every Parameter for a sharded DTensor one: the optimizer must hold those.
         optimizer = type(optimizer)(_regroup(optimizer, old_names, dict(raw.named_parameters())),
@@ -94,11 +94,12 @@ def wrap(raw: nn.Module, optimizer: torch.optim.Optimizer, mode: str, world: int
 
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside a copy
         # of them there (4 bytes per parameter less: 6 GB at gpt2-xl)
-        model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
     if world > 1 and mode == "zero1":
         names = {id(p): n for n, p in raw.named_parameters()}
         optimizer = _zero()(_regroup(optimizer, names, dict(raw.named_parameters())),
-                                            optimizer_class=type(optimizer), **_optimizer_kwargs(optimizer))
+                            optimizer_class=type(optimizer), **_optimizer_kwargs(optimizer))
     if optimizer_state is not None:
         load_optimizer_state(raw, optimizer, optimizer_state)
     return model, core, optimizer
