@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -298,6 +299,31 @@ class FastgptOps(TorchDispatchMode):
         return work
 
 
+def _with_recompute_autocast(patch):
+    """`patch` plus: activation checkpointing recomputes each block under CudaAutocast.
+
+    torch.utils.checkpoint recomputes a block in the backward under the autocast state its forward had. CudaAutocast
+    is a TorchFunctionMode, which the autograd engine does not carry into the backward, so the recompute would
+    run in fp32 and differ from the forward: fastgpt.model's checkpoint gets it as the recompute context.
+    """
+    import functools
+
+    import fastgpt.model as fm
+
+    @contextlib.contextmanager
+    def both():
+        old = fm.checkpoint
+        fm.checkpoint = functools.partial(torch.utils.checkpoint.checkpoint,
+                                          context_fn=lambda: (contextlib.nullcontext(), CudaAutocast()))
+        try:
+            with patch():
+                yield
+        finally:
+            fm.checkpoint = old
+
+    return both
+
+
 # ------------------------------------------------------------------------------------------------
 # Systems: model + optimizer + one forward returning the loss.
 # ------------------------------------------------------------------------------------------------
@@ -484,13 +510,16 @@ def _tracker():
     return GlobalPeakTracker()
 
 
-def run_one(system: str, model_name: str, batch: int, seq: int) -> Result:
+def run_one(system: str, model_name: str, batch: int, seq: int, activation_checkpointing: bool = False) -> Result:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     size = MODELS[model_name]
     with FakeTensorMode(allow_non_fake_inputs=False):
         torch.manual_seed(0)
         model, fwd, make_opt, patch = build(system, size, seq)
+        if activation_checkpointing:  # fastgpt only: train.py --activation_checkpointing
+            model.activation_checkpointing = True
+            patch = _with_recompute_autocast(patch)
         opt = make_opt()
         idx = torch.randint(0, VOCAB, (batch, seq))
 
@@ -719,6 +748,175 @@ def measure_cuda(system: str, model_name: str, batch: int, seq: int) -> int:
     return peak
 
 
+# ------------------------------------------------------------------------------------------------
+# 4. Per rank: train.py --shard ddp|zero1|fsdp at a world size, with or without activation checkpointing.
+# ------------------------------------------------------------------------------------------------
+SHARD_MODES = ("ddp", "zero1", "fsdp")
+CARDS_GB = (8, 12, 16, 24, 40, 80)
+# A card of G GB fits a run whose modelled peak is <= G GiB - this: the CUDA context, cuBLAS and NCCL
+# workspaces and allocator fragmentation are not modelled (they are what NVML shows on top).
+CARD_MARGIN = 2 * 2**30
+
+
+@dataclass
+class RankResult:
+    mode: str
+    model: str
+    batch: int
+    seq: int
+    world: int
+    activation_checkpointing: bool
+    peak_bytes: int  # one rank's peak
+    peak_phase: str
+    breakdown: dict  # MemTracker's categories at the peak, bytes
+    how: str
+
+
+def _fsdp_tracker(model, opt):
+    """FSDPMemTracker keeping only the global peak, with the phase it happened in."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    class GlobalPeakFSDPTracker(FSDPMemTracker):
+        phase = "setup"
+        peak_phase = "setup"
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+                    self.peak_phase = self.phase
+
+    return GlobalPeakFSDPTracker(model, opt)
+
+
+def run_fsdp(model_name: str, batch: int, seq: int, world: int, activation_checkpointing: bool = False) -> RankResult:
+    """One rank of train.py --shard fsdp at `world` ranks: fastgpt.distributed.fully_shard_gpt (FSDP2 per block
+    and root, bf16 gathers, fp32 reduce-scatter) on fake tensors, over a fake process group whose collectives
+    move nothing, and kernels.FusedAdamW stepping the DTensor shards; FSDPMemTracker follows every storage."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fastgpt.distributed import fully_shard_gpt
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))  # outside FakeTensorMode: the mesh reads real rank ids
+        with FakeTensorMode(allow_non_fake_inputs=False):
+            torch.manual_seed(0)
+            model, fwd, make_opt, patch = build("fastgpt", MODELS[model_name], seq)
+            model.activation_checkpointing = activation_checkpointing
+            patch = _with_recompute_autocast(patch)
+            fully_shard_gpt(model, mesh, BF16)  # as train.py does on CUDA
+            opt = make_opt()
+            idx = torch.randint(0, VOCAB, (batch, seq))
+
+            def step(mt=None):
+                with patch(), FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS):
+                    opt.zero_grad(set_to_none=True)
+                    if mt is not None:
+                        mt.phase = "forward"
+                    with CudaAutocast():
+                        loss = fwd(idx)
+                    if mt is not None:
+                        mt.phase = "backward"
+                    loss.backward()
+                    if mt is not None:
+                        mt.phase = "optimizer step"
+                    opt.step()
+
+            step()  # optimizer state now exists, as in every step after the first
+            mt = _fsdp_tracker(model, opt)
+            with mt:
+                step(mt)
+            peak = mt.get_tracker_snapshot("peak")
+            dev = next(iter(peak))
+            peak = {getattr(k, "value", str(k)): int(v) for k, v in peak[dev].items()}
+    finally:
+        dist.destroy_process_group()
+    return RankResult("fsdp", model_name, batch, seq, world, activation_checkpointing, peak["Total"], mt.peak_phase,
+                      peak, "an FSDP2 step on fake tensors over a fake process group of that many ranks")
+
+
+def _zero1_from(ddp: RankResult, world: int) -> RankResult:
+    # ZeroRedundancyOptimizer: a rank keeps the AdamW moments of its 1/world of the parameters; they are
+    # resident all step long, so the peak drops by exactly the moments it no longer holds.
+    opt = ddp.breakdown.get("Optstate", 0)
+    dropped = opt * (world - 1) // world
+    breakdown = dict(ddp.breakdown, Optstate=opt - dropped, Total=ddp.peak_bytes - dropped)
+    return RankResult("zero1", ddp.model, ddp.batch, ddp.seq, world, ddp.activation_checkpointing,
+                      ddp.peak_bytes - dropped, ddp.peak_phase, breakdown,
+                      "the one-process step less (world-1)/world of the AdamW state (weights, gradients replicated)")
+
+
+def run_rank(mode: str, model_name: str, batch: int, seq: int, world: int,
+             activation_checkpointing: bool = False) -> RankResult:
+    """One rank's peak under train.py --shard `mode` at `world` ranks (one process for world 1)."""
+    if mode not in SHARD_MODES:
+        raise ValueError(f"unknown --shard {mode!r}; choose from {SHARD_MODES}")
+    if mode == "fsdp" and world > 1:
+        return run_fsdp(model_name, batch, seq, world, activation_checkpointing)
+    r = run_one("fastgpt", model_name, batch, seq, activation_checkpointing)
+    ddp = RankResult("ddp", model_name, batch, seq, world, activation_checkpointing, r.peak_bytes, r.peak_phase,
+                     dict(r.peak_breakdown), "the one-process step (DDP with gradient_as_bucket_view keeps the "
+                     "gradients in its buckets: no second copy)")
+    return _zero1_from(ddp, world) if mode == "zero1" and world > 1 else ddp
+
+
+def _fits(peak: int) -> str:
+    return next((f"{g} GB" for g in CARDS_GB if peak <= g * 2**30 - CARD_MARGIN), "none listed")
+
+
+def render_ranks(results: list[RankResult]) -> str:
+    r0 = results[0]
+    lines = [f"## Per-rank memory model: {r0.model}, micro-batch {r0.batch} x {r0.seq}, bf16 autocast, AdamW\n",
+             "| mode | world | activation checkpointing | peak per rank | smallest card | peak in | at the peak |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r.breakdown.items() if k != "Total" and v > 0)
+        lines.append(f"| {r.mode} | {r.world} | {'yes' if r.activation_checkpointing else 'no'} | "
+                     f"{fmt_bytes(r.peak_bytes)} | {_fits(r.peak_bytes)} | {r.peak_phase} | {parts} |")
+    lines.append("")
+    lines.append(f"smallest card: of {', '.join(map(str, CARDS_GB))} GB, the smallest whose capacity (GiB) less "
+                 f"{fmt_bytes(CARD_MARGIN)} holds the peak (the CUDA context, cuBLAS/NCCL workspaces and "
+                 "fragmentation are not modelled).")
+    for how in dict.fromkeys(f"{r.mode}: {r.how}" for r in results):
+        lines.append(f"- {how}")
+    return "\n".join(lines)
+
+
+def fit_table(batch: int, seq: int, models=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
+              worlds=(2, 4, 8), log=None) -> tuple[str, list[RankResult]]:
+    """Which GPT-2 fits which card: per model and mode, the fewest GPUs of each size that hold a rank's peak."""
+    rows, results = [], []
+    for m in models:
+        ddp = {}
+        for mode, ac in (("ddp", False), ("ddp", True), ("zero1", False), ("fsdp", False), ("fsdp", True)):
+            if mode == "ddp":
+                rs = [run_rank("ddp", m, batch, seq, 1, ac)]
+                ddp[ac] = rs[0]
+            elif mode == "zero1":
+                rs = [_zero1_from(ddp[ac], w) for w in worlds]
+            else:
+                rs = [run_rank(mode, m, batch, seq, w, ac) for w in worlds]
+            for r in rs:
+                if log:
+                    log(f"{m} {mode}{' + AC' if ac else ''} x{r.world}: {fmt_bytes(r.peak_bytes)}")
+            results += rs
+            cells = []
+            for g in CARDS_GB:
+                w = next((r.world for r in rs if r.peak_bytes <= g * 2**30 - CARD_MARGIN), None)
+                cells.append("-" if w is None else ("any" if mode == "ddp" else f"{w}+"))
+            peaks = " / ".join(fmt_bytes(r.peak_bytes) for r in rs)
+            rows.append(f"| {m} | {mode}{' + AC' if ac else ''} | {peaks} | " + " | ".join(cells) + " |")
+    head = [f"| model | --shard | peak per rank at {' / '.join(map(str, worlds))} GPUs (ddp: any number) | "
+            + " | ".join(f"{g} GB" for g in CARDS_GB) + " |",
+            "|---|---|---|" + "---|" * len(CARDS_GB)]
+    return "\n".join(head + rows), results
+
+
 def main(argv=None) -> int:
     global CE_CHUNK_ROWS
     p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n")[0])
@@ -729,8 +927,17 @@ def main(argv=None) -> int:
     p.add_argument("--ce-chunk", type=int, default=CE_CHUNK_ROWS, help="rows per chunk of fastgpt's fused loss")
     p.add_argument("--json", help="write the results as a JSON list here")
     p.add_argument("--measure", action="store_true", help="on a GPU, also measure max_memory_allocated")
+    p.add_argument("--shard", choices=SHARD_MODES,
+                   help="per rank, as train.py --shard runs fastgpt (with --world; no --system)")
+    p.add_argument("--world", default="2", help="ranks for --shard: one number or a comma-separated list [2]")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="with --shard: each row also with train.py --activation_checkpointing")
+    p.add_argument("--fit", action="store_true",
+                   help="which GPT-2 size fits which card (8-80 GB) at which world size and mode, at --batch x --seq")
     a = p.parse_args(argv)
     CE_CHUNK_ROWS = a.ce_chunk
+    if a.shard or a.fit:
+        return main_ranks(a, p)
     systems = list(SYSTEMS) if a.system == "all" else a.system.split(",")
     results = []
     for s in systems:
@@ -756,6 +963,31 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
+    return 0
+
+
+def main_ranks(a, p) -> int:
+    if a.fit:
+        table, results = fit_table(a.batch, a.seq, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(table)
+    else:
+        try:
+            worlds = [int(w) for w in a.world.split(",")]
+        except ValueError:
+            p.error(f"--world must be a number or a comma-separated list of numbers, got {a.world!r}")
+        if any(w < 1 for w in worlds):
+            p.error(f"--world must be >= 1, got {a.world!r}")
+        results = []
+        for w in worlds:
+            for ac in (False, True) if a.activation_checkpointing else (False,):
+                r = run_rank(a.shard, a.model, a.batch, a.seq, w, ac)
+                results.append(r)
+                print(f"{r.mode} x{w}{' + AC' if ac else ''}: peak per rank {fmt_bytes(r.peak_bytes)}",
+                      file=sys.stderr, flush=True)
+        print(render_ranks(results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
     return 0
 
 

@@ -99,6 +99,8 @@ class TrainConfig:
     hellaswag_interval: int = 0  # steps between HellaSwag evaluations; 0: off
     hellaswag_data: str | None = None
     hellaswag_limit: int = 0  # first N examples; 0: all
+    shard: str = "ddp"  # ddp | zero1 | fsdp: what each rank keeps (fastgpt/distributed.py)
+    activation_checkpointing: bool = False  # recompute each block in the backward instead of storing it
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import GPTConfig
@@ -122,6 +123,9 @@ class GPT(nn.Module):
         # Range-check token ids each forward. The check reads them on the host, a GPU->CPU sync per forward:
         # the trainer turns it off (its loaders checked every shard), generation after the prompt.
         self.check_ids = True
+        # True (train.py --activation_checkpointing): training keeps only each block's input and recomputes
+        # the block's inside during the backward; same losses, about one more forward of compute.
+        self.activation_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
@@ -167,8 +171,12 @@ class GPT(nn.Module):
             raise ValueError(f"position {start + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        recompute = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i)
+            if recompute:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache, i)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(T)

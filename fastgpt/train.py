@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
-from . import fingerprint
+from . import distributed, fingerprint
 from .config import DTYPE_CHOICES, KERNEL_CHOICES, PRESETS, GPTConfig, TrainConfig
 from .data import DEFAULT_DATA_ROOT, DataError, ShardLoader, prepare_default_data
+from .distributed import SHARD_MODES, to_cpu as _to_cpu  # noqa: F401 (_to_cpu: tests)
 from .lock import LockError, RunLock
 from .metrics import Progress, RunLog, fmt_duration, peak_flops
 from .model import GPT
@@ -109,6 +110,10 @@ HELP = {
     "hellaswag_interval": "steps between HellaSwag evaluations during training (0: off; needs --hellaswag_data)",
     "hellaswag_data": "a HellaSwag .jsonl file for --hellaswag_interval",
     "hellaswag_limit": "evaluate only the first N HellaSwag examples (0: all)",
+    "shard": "with several ranks: ddp (full copy per rank), zero1 (AdamW state sharded) or fsdp (weights, "
+             "gradients and AdamW state sharded, FSDP2); checkpoints are the same whichever you use",
+    "activation_checkpointing": "recompute each block's activations in the backward (less memory, ~1/3 more "
+                                "compute, same losses)",
 }
 
 
@@ -122,8 +127,10 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         d = getattr(defaults, f.name)
         # default=None everywhere so we can tell which flags were given (CPU defaults fill the rest).
-        if f.name in ("compile", "restart"):
+        if f.name in ("compile", "restart", "activation_checkpointing"):
             p.add_argument(f"--{f.name}", action="store_true", default=None, help=HELP[f.name])
+        elif f.name == "shard":
+            p.add_argument("--shard", choices=SHARD_MODES, default=None, help=f"{HELP[f.name]} [{d}]")
         elif f.name == "kernels":
             p.add_argument("--kernels", choices=KERNEL_CHOICES, default=None, help=f"{HELP[f.name]} [{d}]")
         elif f.name == "dtype":
@@ -192,23 +199,6 @@ def choose_dtype(requested: str, device_type: str, bf16_supported: bool = False,
 
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _to_cpu(obj, _seen=None):
-    """CPU copies of every tensor in obj. Tensors that alias one another (the tied wte/lm_head
-    weight) map to one copy, so torch.save writes their storage once, as it does on CPU."""
-    seen = {} if _seen is None else _seen
-    if isinstance(obj, torch.Tensor):
-        key = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape),
-               obj.stride(), obj.dtype)
-        if key not in seen:
-            seen[key] = obj.detach().cpu()
-        return seen[key]
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v, seen) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v, seen) for v in obj)
-    return obj
 
 
 def attention_configs() -> list[dict]:
@@ -448,6 +438,10 @@ class Trainer:
         if cfg.seq_len > self.gcfg.block_size:
             raise TrainError(f"--seq_len {cfg.seq_len} exceeds the {self.model_name} block size "
                              f"{self.gcfg.block_size}")
+        if cfg.shard not in SHARD_MODES:
+            raise TrainError(f"--shard must be one of {', '.join(SHARD_MODES)}, got {cfg.shard!r}")
+        if cfg.shard != "ddp" and self.world == 1:
+            self.notes.append(f"--shard {cfg.shard} with a single process: nothing to shard, training as one process")
         self.accum = grad_accum_steps(cfg, self.world)
         return cfg
 
@@ -477,6 +471,7 @@ class Trainer:
         if self.init_state is not None:
             self.raw.load_state_dict(self.init_state)
             self.init_state = None
+        self.raw.activation_checkpointing = cfg.activation_checkpointing
         self.optimizer = self.raw.configure_optimizers(weight_decay=cfg.weight_decay, lr=cfg.max_lr,
                                                        device_type=self.device.type)
         self.params = [p for p in self.raw.parameters() if p.requires_grad]
@@ -620,6 +615,7 @@ class Trainer:
         else:
             path, state = ckpt_io.load_latest(self.log_dir, warn=self.master, check=self.check_checkpoint)
         self.resumed_from = path if state is not None else None
+        self.optimizer_state = None
         if state is None:
             return
         step = int(state["step"])
@@ -637,7 +633,7 @@ class Trainer:
             dist.barrier()
         try:
             self.raw.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer_state = state["optimizer"]  # wrap_model loads it, into the sharded optimizer if any
             self.train_loader.load_state_dict(state["loader"])
             ckpt_io.set_rng_state(state["rng"])
             self.load_step_state(state)
@@ -690,13 +686,20 @@ class Trainer:
             self.log(f"note: {lr_note}")
 
     def wrap_model(self) -> None:
-        """torch.compile and DDP around the raw model; `core` is what evaluation calls (no DDP)."""
-        self.core = torch.compile(self.raw) if self.cfg.compile else self.raw
-        self.model = self.core
+        """--shard (DDP, ZeRO-1 or FSDP2) and torch.compile around the raw model; `core` is what evaluation
+        calls (no DDP). zero1 and fsdp replace the optimizer by a sharded one; a resumed state goes into it."""
         if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.core, device_ids=[self.device.index] if self.cuda else None)
+            try:
+                distributed.check_same_start(self.start_step, self.device)
+            except ValueError as e:
+                raise TrainError(str(e)) from None
+        self.model, self.core, self.optimizer = distributed.wrap(
+            self.raw, self.optimizer, self.cfg.shard, self.world, self.device, compile=self.cfg.compile,
+            param_dtype=torch.bfloat16 if self.cuda else None, optimizer_state=getattr(self, "optimizer_state", None))
+        self.optimizer_state = None
+        self.params = [p for p in self.raw.parameters() if p.requires_grad]  # fsdp's are new (sharded) ones
+        if self.ddp:
+            self.log(distributed.describe(self.cfg.shard, self.world, self.cuda))
 
     def warm_up_kernels(self) -> None:
         """On CUDA, one forward/backward of a dummy batch before step 0's timer: Triton compiles its kernels and
@@ -740,8 +743,9 @@ class Trainer:
         for micro in range(self.accum):
             x, y = self.train_loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            # Gradients cross ranks only once per step: on the last micro-step.
-            sync = contextlib.nullcontext() if not self.ddp or micro == self.accum - 1 else model.no_sync()
+            # ddp/zero1: gradients cross ranks only once per step, on the last micro-step (fsdp: every one).
+            sync = (contextlib.nullcontext() if not distributed.defers_grad_sync(model) or micro == self.accum - 1
+                    else model.no_sync())
             with sync:
                 with self.autocast():
                     _, loss = model(x, y, return_logits=False)
@@ -758,7 +762,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clip (and log) the true gradient norm
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        norm = distributed.clip_grad_norm_(self.params, clip)
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -931,12 +935,17 @@ class Trainer:
                  f"in {fmt_duration(self.progress.elapsed)} | final train loss {train} | val loss {val} | "
                  f"last checkpoint: {last_ckpt or 'none'}")
 
-    def checkpoint_state(self, step: int) -> dict:
-        """Plain dicts and CPU tensors only, so torch.load(weights_only=True) opens it."""
+    def checkpoint_state(self, step: int) -> dict | None:
+        """Plain dicts and CPU tensors only, so torch.load(weights_only=True) opens it. The full model and
+        optimizer state whatever --shard and world size made them; every rank calls this (gathering sharded
+        state is collective) and rank 0 gets the dict, the others None."""
+        model_sd, optim_sd = distributed.full_state_dicts(self.raw, self.optimizer)
+        if not self.master:
+            return None
         return {
             "config": asdict(self.raw.config),
-            "model": _to_cpu(self.raw.state_dict()),
-            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "step": step,
             "val_loss": self.last_val,
             "loader": self.train_loader.state_dict(),
@@ -944,6 +953,7 @@ class Trainer:
             "train_config": asdict(self.cfg),
             "world_size": self.world,
             **self.step_state(),
+            "shard": self.cfg.shard,
         }
 
     def step_state(self) -> dict:
@@ -1005,8 +1015,8 @@ class Trainer:
                      f"{f'The newest healthy one is {path}' if path else 'No healthy checkpoint exists yet'}.")
             return None
         p = ckpt_io.checkpoint_path(self.log_dir, step)
+        state = self.checkpoint_state(step)
         if self.master:
-            state = self.checkpoint_state(step)
             state["data_fingerprint"] = self.data_fingerprint  # so a resume can tell the data changed
             try:
                 ckpt_io.save_atomic(state, p)

@@ -374,6 +374,11 @@ def _(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1s, beta2s, 
 # --------------------------------------------------------------------------------------------
 # Public optimizer
 # --------------------------------------------------------------------------------------------
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: the kernel's writes land in it), any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
@@ -455,7 +460,9 @@ class FusedAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state.get(p, {})
-                _check_one(p, p.grad, f"param {pi} of group {gi}", state.get("exp_avg"), state.get("exp_avg_sq"))
+                m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+                _check_one(_local(p), _local(p.grad), f"param {pi} of group {gi}",
+                           None if m is None else _local(m), None if v is None else _local(v))
                 todo.append((p, hyper))
         if not todo:
             return loss
@@ -466,10 +473,11 @@ class FusedAdamW(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            ms.append(state["exp_avg"])
-            vs.append(state["exp_avg_sq"])
+            # FSDP2's parameters, gradients and (zeros_like) moments are DTensors: step each rank's shard
+            params.append(_local(p))
+            grads.append(_local(p.grad))
+            ms.append(_local(state["exp_avg"]))
+            vs.append(_local(state["exp_avg_sq"]))
             step_ts.append(state["step"])
             hypers.append(hyper)
         grad_scale = getattr(self, "grad_scale", None)
