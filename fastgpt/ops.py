@@ -78,6 +78,15 @@ def use_triton(mode: str, *tensors: torch.Tensor) -> bool:
     return False
 
 
+def attention_plan(device: torch.device | str):
+    """Where attention runs on this CUDA device and why (`kernels.device_plan`: route, table, dtype, a one-line
+    reason), or None where the Triton kernels cannot run (CPU without the interpreter, no triton)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not _triton_can_run((str(device),)):
+        return None
+    return _kernels().device_plan(device)
+
+
 def backend_name(mode: str, device: torch.device | str) -> str:
     """'triton' or 'torch': what `mode` resolves to for tensors on `device` (for logs)."""
     probe = torch.empty(0, device=device)

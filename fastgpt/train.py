@@ -201,6 +201,18 @@ def choose_dtype(requested: str, device_type: str, bf16_supported: bool = False,
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def attention_line(mode: str, plan) -> str:
+    """The startup line saying where attention runs on this GPU and why (`plan`: kernels.device_plan). With
+    --kernels triton on a GPU whose attention goes to SDPA (compute capability < 8.0) the run is refused
+    here, before anything trains, naming the GPU and the reason."""
+    if plan.attention == "triton":
+        return f"attention: Triton ({plan.reason})"
+    if mode == "triton":
+        raise TrainError(f"--kernels triton: {plan.reason}. Use --kernels auto (Triton for LayerNorm, GELU, the "
+                         f"loss and AdamW; PyTorch SDPA for attention) or --kernels torch")
+    return f"attention: PyTorch SDPA ({plan.reason})"
+
+
 def attention_configs() -> list[dict]:
     """The attention launch configs this process chose (kernels.attention_configs), for the checkpoint; none
     when the kernels were never imported (no Triton attention ran)."""
@@ -475,12 +487,15 @@ class Trainer:
         self.optimizer = self.raw.configure_optimizers(weight_decay=cfg.weight_decay, lr=cfg.max_lr,
                                                        device_type=self.device.type)
         self.params = [p for p in self.raw.parameters() if p.requires_grad]
-        from .ops import backend_name
+        from .ops import attention_plan, backend_name
 
         self.log(f"model: {self.model_name} ({self.raw.num_params() / 1e6:.1f}M parameters) | kernels: "
                  f"{backend_name(self.gcfg.kernels, self.device)} | optimizer: {type(self.optimizer).__name__} | "
                  f"{self.world} rank(s) | {cfg.total_batch_size:,} tokens per step = {cfg.micro_batch_size} x "
                  f"{cfg.seq_len} x {self.world} x {self.accum} accumulation")
+        plan = attention_plan(self.device) if self.gcfg.kernels != "torch" else None
+        if plan is not None:
+            self.log(attention_line(self.gcfg.kernels, plan))
 
     def resolve_step_options(self) -> None:
         """Precision (dtype, fp16 loss scaler), the spike guard and the divergence counters."""

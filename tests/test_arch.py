@@ -100,3 +100,22 @@ def test_ops_routes_attention_to_sdpa_where_the_gpu_says_so(monkeypatch):
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
     ops.attention(q, k, v, mode="triton")  # "triton" does not route around: the kernel runs (or raises on a GPU)
     assert kernels.launches("attention_fwd") == before + 1
+
+
+def test_startup_attention_line_and_triton_refusal_follow_the_plan():
+    """The trainer's startup line names the attention route and its reason; --kernels triton on a GPU
+    whose plan sends attention to SDPA is refused before training, naming the capability."""
+    from fastgpt.train import TrainError, attention_line
+
+    t4, h100 = kernels.arch_plan((7, 5)), kernels.arch_plan((9, 0))
+    assert attention_line("auto", h100) == f"attention: Triton ({h100.reason})"
+    assert attention_line("triton", h100).startswith("attention: Triton")
+    assert attention_line("auto", t4) == f"attention: PyTorch SDPA ({t4.reason})"
+    with pytest.raises(TrainError, match=r"--kernels triton: .*7\.5.*--kernels auto"):
+        attention_line("triton", t4)
+
+
+def test_attention_plan_is_none_off_cuda():
+    from fastgpt.ops import attention_plan
+
+    assert attention_plan("cpu") is None
