@@ -568,6 +568,12 @@ class Trainer:
                     raise TrainError(f"--{name} needs the GPT-2 vocabulary; this model has {self.gcfg.vocab_size} "
                                      f"tokens (pass --{name} 0)")
             self.sample_every = 0
+        if cfg.hellaswag_interval > 0 and cfg.shard == "fsdp" and self.world > 1:
+            # Each FSDP2 forward is collective, and HellaSwag's rank shards differ in length: ranks would wait on
+            # each other for ever. Until its batches are padded to one count per rank, refuse rather than hang.
+            raise TrainError("--hellaswag_interval does not run under --shard fsdp yet (ranks would run different "
+                             "numbers of forwards); use --shard ddp or zero1, or `fastgpt eval hellaswag` on a "
+                             "checkpoint")
         if cfg.hellaswag_interval > 0:
             if not cfg.hellaswag_data:
                 raise TrainError("--hellaswag_interval needs --hellaswag_data FILE (a HellaSwag .jsonl, e.g. "
@@ -710,7 +716,8 @@ class Trainer:
                 raise TrainError(str(e)) from None
         self.model, self.core, self.optimizer = distributed.wrap(
             self.raw, self.optimizer, self.cfg.shard, self.world, self.device, compile=self.cfg.compile,
-            param_dtype=torch.bfloat16 if self.cuda else None, optimizer_state=getattr(self, "optimizer_state", None))
+            param_dtype=_AUTOCAST.get(self.dtype) if self.cuda else None,  # FSDP2 computes in --dtype's dtype
+            optimizer_state=getattr(self, "optimizer_state", None))
         self.optimizer_state = None
         self.params = [p for p in self.raw.parameters() if p.requires_grad]  # fsdp's are new (sharded) ones
         if self.ddp:

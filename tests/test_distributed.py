@@ -290,3 +290,21 @@ def test_cpu_defaults_keep_their_steps_on_several_ranks(tokens, monkeypatch):
     with pytest.raises(T.TrainError, match="--total_batch_size 1024 is not a multiple"):  # 16 x 128 > 1024
         monkeypatch.setattr(T, "setup_distributed", lambda cfg: (torch.device("cpu"), 0, 0, 16))
         T.Trainer(*T.parse_args(["--data_root", str(tokens)]))
+
+
+def test_hellaswag_in_training_is_refused_under_fsdp_with_several_ranks(tmp_path):
+    """FSDP2's forward is collective and HellaSwag's per-rank shards differ in length, so training would
+    hang: the flags are refused before anything starts (checked on the trainer's flag check alone)."""
+    from types import SimpleNamespace
+
+    from fastgpt.config import TrainConfig
+    from fastgpt.train import Trainer, TrainError
+
+    fixture = Path(__file__).parent / "data" / "hellaswag_fixture.jsonl"
+    cfg = TrainConfig(hellaswag_interval=5, hellaswag_data=str(fixture), shard="fsdp")
+    with pytest.raises(TrainError, match="--hellaswag_interval does not run under --shard fsdp"):
+        Trainer.check_watch_flags(SimpleNamespace(world=2, gcfg=GPTConfig()), cfg)
+    for shard, world in (("ddp", 2), ("zero1", 2), ("fsdp", 1)):
+        ok = SimpleNamespace(world=world, gcfg=GPTConfig())
+        Trainer.check_watch_flags(ok, TrainConfig(hellaswag_interval=5, hellaswag_data=str(fixture), shard=shard))
+        assert ok.hellaswag_examples
