@@ -221,6 +221,7 @@ def device_plan(device: torch.device | str | int | None = None) -> ArchPlan:
     return plan._replace(reason=f"{name}: {plan.reason}")
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated while tracing, a constant in the graph
 def attention_route(device: torch.device | str) -> str:
     """'triton' or 'sdpa' for attention on tensors of `device` (CPU, i.e. the interpreter: 'triton')."""
     device = torch.device(device)
