@@ -31,10 +31,13 @@ from .data import DEFAULT_DATA_ROOT, DataError, ShardLoader, prepare_default_dat
 from .model import GPT
 
 # With no GPU and no --model, these replace the GPU-sized defaults for every flag the user did not give:
-# a 7M-parameter model on 1,024-token steps shows the loss falling within a minute or two on a laptop CPU
-# and finishes 200 steps in minutes (the GPU defaults would need hours there).
+# a 7M-parameter model on 1,024-token steps shows the loss falling within a minute and finishes in a few
+# minutes (the GPU defaults would need hours there). 320 steps: with the fused CPU loss a step costs
+# ~0.6 of what it did, so 320 steps fit the CPU time 200 took and reach a lower val loss
+# (README, "CPU default"; `python -m bench.cpu_sweep`).
 CPU_DEFAULTS = dict(model="tiny", total_batch_size=1024, micro_batch_size=8, seq_len=128, max_lr=2e-3,
-                    warmup_steps=10, max_steps=200, eval_interval=25, eval_steps=4, checkpoint_interval=50)
+                    warmup_steps=10, max_steps=320, eval_interval=25, eval_steps=4, checkpoint_interval=50)
+SAMPLE_PROMPT = "\n"  # what the default CPU run's closing sample continues
 MAX_NONFINITE = 3  # consecutive skipped updates (non-finite loss or norm, or loss spikes) before giving up
 MAX_OVERFLOWS = 30  # consecutive fp16 loss-scaler skips before giving up: the scale has fallen by 2^30 by then
 SPIKE_WINDOW = 20  # the spike guard compares a loss with the mean of this many recent accepted losses,
@@ -355,7 +358,8 @@ class Trainer:
         # Evaluation reads eval_steps batches of this many sequences, split over the ranks: fixed before any
         # per-rank micro-batch is derived below, so the validation tokens do not depend on the world size.
         self.eval_batch = cfg.micro_batch_size
-        if not self.cuda and cfg.model is None:
+        self.cpu_defaults = not self.cuda and cfg.model is None
+        if self.cpu_defaults:
             changed = {k: v for k, v in CPU_DEFAULTS.items() if k not in self.given}
             self.eval_batch = changed.get("micro_batch_size", cfg.micro_batch_size)
             world_note = ""
@@ -775,6 +779,12 @@ class Trainer:
                         return 0
                     if p:
                         self.log(f"saved checkpoint {p}")
+        if self.cpu_defaults and self.master:  # a first run ends by showing what the model learned
+            from .generate import sample_text
+
+            last = ckpt_io.checkpoint_path(self.log_dir, cfg.max_steps)
+            more = f" (fastgpt generate --checkpoint {last} for more)" if last.exists() else ""
+            self.log(f"sample{more}:\n{sample_text(self.raw, SAMPLE_PROMPT, 40).strip()}")
         return 0
 
 
