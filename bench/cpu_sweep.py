@@ -25,7 +25,7 @@ TINY = dict(n_layer=4, n_head=4, n_embd=128)
 # name: (model shape, train flags). "old" is the CPU default before this sweep (tiny, 200 x 1,024 tokens).
 CONFIGS = {
     "old": (TINY, dict(max_steps=200, total_batch_size=1024, max_lr=2e-3)),
-    "tiny-320": (TINY, dict(max_steps=320, total_batch_size=1024, max_lr=2e-3)),
+    "tiny-320": (TINY, dict(max_steps=320, total_batch_size=1024, max_lr=2e-3)),  # the CPU default since
     "tiny-320-lr4e-3": (TINY, dict(max_steps=320, total_batch_size=1024, max_lr=4e-3)),
     "L6-280-lr3e-3": (dict(n_layer=6, n_head=4, n_embd=128), dict(max_steps=280, total_batch_size=1024, max_lr=3e-3)),
     "tiny-160x2048-lr4e-3": (TINY, dict(max_steps=160, total_batch_size=2048, max_lr=4e-3)),

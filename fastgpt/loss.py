@@ -92,9 +92,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # refuses a second backward through it (retain_graph) instead of reusing scaled values.
         # The product is formed in fp32: GradScaler's grad_loss (65536 at first) is not representable in fp16.
         dx, dw = ctx.saved_tensors
-        gx = dx.copy_(dx.float() * grad_loss) if dx is not None else None
-        gw = dw.copy_(dw.float() * grad_loss) if dw is not None else None
-        return gx, gw, None, None, None, None, None, None
+        return _scaled(dx, grad_loss), _scaled(dw, grad_loss), None, None, None, None, None, None
+
+
+def _scaled(g: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
+    """g * grad_loss into g: in place for fp32 (no (V, C) temporary), through fp32 for low precision."""
+    if g is None:
+        return None
+    if g.dtype == torch.float32:
+        return g.mul_(grad_loss)
+    return g.copy_(g.float() * grad_loss)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,

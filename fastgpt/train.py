@@ -36,10 +36,12 @@ from .metrics import Progress, RunLog, fmt_duration, peak_flops
 from .model import GPT
 
 # With no GPU and no --model, these replace the GPU-sized defaults for every flag the user did not give:
-# a 7M-parameter model on 1,024-token steps shows the loss falling within a minute or two on a laptop CPU
-# and finishes 200 steps in minutes (the GPU defaults would need hours there).
+# a 7M-parameter model on 1,024-token steps shows the loss falling within a minute and finishes in a few
+# minutes (the GPU defaults would need hours there). 320 steps: with the fused CPU loss a step costs
+# ~0.6 of what it did, so 320 steps fit the CPU time 200 took and reach a lower val loss
+# (README, "CPU default"; `python -m bench.cpu_sweep`).
 CPU_DEFAULTS = dict(model="tiny", total_batch_size=1024, micro_batch_size=8, seq_len=128, max_lr=2e-3,
-                    warmup_steps=10, max_steps=200, eval_interval=25, eval_steps=4, checkpoint_interval=50)
+                    warmup_steps=10, max_steps=320, eval_interval=25, eval_steps=4, checkpoint_interval=50)
 MAX_NONFINITE = 3  # consecutive skipped updates (non-finite loss or norm, or loss spikes) before giving up
 MAX_OVERFLOWS = 30  # consecutive fp16 loss-scaler skips before giving up: the scale has fallen by 2^30 by then
 SPIKE_WINDOW = 20  # the spike guard compares a loss with the mean of this many recent accepted losses,

@@ -56,6 +56,7 @@ def test_train_on_cpu_picks_the_cpu_preset_and_says_so(workdir):
     assert sorted(p.name for p in (d / "shakespeare_data").iterdir()) == ["train_00000.npy", "val_00000.npy"]
     assert "no GPU: using the CPU-sized preset 'tiny'" in out and "--model gpt2" in out
     assert "step 0 | loss: 10." in out and "val loss " in out
+    assert "sample at step 1:\nROMEO:" in out  # a run ends with a sample of what it learned
     ckpt = torch.load(d / "log" / "model_00001.pt")
     assert ckpt["config"]["n_layer"] == 4 and ckpt["train_config"]["total_batch_size"] == 1024
 
