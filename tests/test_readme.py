@@ -1,7 +1,8 @@
 """Every ```python block of README.md runs as pasted on this (CPU) machine (issue 15, item 12).
 
 The blocks run in a fresh interpreter without TRITON_INTERPRET (as in a user's shell), in a directory
-holding what README's earlier commands would have left there: log/model_00200.pt from the quick start."""
+holding what README's earlier commands would have left there: the quick start's last checkpoint
+(log/model_NNNNN.pt, NNNNN the CPU default's max_steps)."""
 import re
 import subprocess
 import sys
@@ -22,7 +23,10 @@ def test_readme_python_blocks_run_as_pasted(tmp_path):
     blocks = python_blocks()
     assert len(blocks) >= 2 and any("kernels.attention" in b for b in blocks)
     cfg = GPTConfig.preset("tiny")
-    ck.save_atomic({"config": asdict(cfg), "model": GPT(cfg).state_dict()}, tmp_path / "log" / "model_00200.pt")
+    from fastgpt.train import CPU_DEFAULTS
+
+    last = ck.checkpoint_path(tmp_path / "log", CPU_DEFAULTS["max_steps"])
+    ck.save_atomic({"config": asdict(cfg), "model": GPT(cfg).state_dict()}, last)
     # One interpreter runs them in order, each in a fresh namespace (the imports are paid once).
     driver = "\n".join(f"exec(compile({b!r}, 'README.md block {i + 1}', 'exec'), {{'__name__': '__main__'}})"
                        for i, b in enumerate(blocks))
