@@ -492,11 +492,11 @@ class Result:
     saved_shapes: list = field(default_factory=list)  # (scope, sub-module, dtype, shape) of every saved storage
 
 
-def _tracker():
-    """MemTracker keeping only the global peak (its per-module peaks cost O(modules) per op: minutes at gpt2-xl)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+def _global_peak(tracker_cls):
+    """A subclass of one of torch's memory trackers that keeps only the global peak, with the phase it happened
+    in (their per-module peaks cost O(modules) per op: minutes at gpt2-xl)."""
 
-    class GlobalPeakTracker(MemTracker):
+    class GlobalPeak(tracker_cls):
         phase = "setup"
         peak_phase = "setup"
 
@@ -507,7 +507,13 @@ def _tracker():
                     self._peak_mem_snap[dev] = dict(snap)
                     self.peak_phase = self.phase
 
-    return GlobalPeakTracker()
+    return GlobalPeak
+
+
+def _tracker():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    return _global_peak(MemTracker)()
 
 
 def run_one(system: str, model_name: str, batch: int, seq: int, activation_checkpointing: bool = False) -> Result:
@@ -776,18 +782,7 @@ def _fsdp_tracker(model, opt):
     """FSDPMemTracker keeping only the global peak, with the phase it happened in."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    class GlobalPeakFSDPTracker(FSDPMemTracker):
-        phase = "setup"
-        peak_phase = "setup"
-
-        def _update_peak_stats(self, peak_state) -> None:
-            for dev, snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < snap["Total"]:
-                    self._peak_mem[dev] = snap["Total"]
-                    self._peak_mem_snap[dev] = dict(snap)
-                    self.peak_phase = self.phase
-
-    return GlobalPeakFSDPTracker(model, opt)
+    return _global_peak(FSDPMemTracker)(model, opt)
 
 
 def run_fsdp(model_name: str, batch: int, seq: int, world: int, activation_checkpointing: bool = False) -> RankResult:

@@ -44,3 +44,14 @@ def expect_launch():
 def kernel_device():
     """Where Triton kernels run in this session: CPU under the interpreter, else CUDA."""
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    """The packaged Tiny Shakespeare as token shards, prepared once per test module (tests only read them)."""
+    from _train_util import SHAKESPEARE
+    from fastgpt import data
+
+    out = tmp_path_factory.mktemp("shakespeare_data")
+    data.prepare_shakespeare(SHAKESPEARE, out)
+    return out

@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from _train_util import SHAKESPEARE, log_records, nano_args, run_train, steps
-from fastgpt import GPT, GPTConfig, data
+from _train_util import log_records, nano_args, run_train, steps
+from fastgpt import GPT, GPTConfig
 from fastgpt import checkpoint as ck
-
-
-@pytest.fixture(scope="module")
-def shakespeare(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shakespeare_data")
-    data.prepare_shakespeare(SHAKESPEARE, out)
-    return out
 
 
 def test_save_atomic_round_trip_and_no_leftovers(tmp_path):

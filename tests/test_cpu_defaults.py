@@ -4,15 +4,7 @@ import math
 
 import pytest
 
-from _train_util import SHAKESPEARE, log_records, run_train
-from fastgpt import data
-
-
-@pytest.fixture(scope="module")
-def shakespeare(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shakespeare_data")
-    data.prepare_shakespeare(SHAKESPEARE, out)
-    return out
+from _train_util import log_records, run_train
 
 
 def test_cpu_defaults_on_two_ranks_split_the_batch_and_evaluate_the_same_tokens(shakespeare, tmp_path):

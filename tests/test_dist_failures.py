@@ -11,18 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_util import SHAKESPEARE, env, nano_args, write_entry
-from fastgpt import data
+from _train_util import env, nano_args, write_entry
 
 # Each worker writes its pid to pid_RANK so the test can signal one of them.
 PIDFILE = "import os; open(f'pid_{os.environ[\"RANK\"]}', 'w').write(str(os.getpid()))"
-
-
-@pytest.fixture(scope="module")
-def shakespeare(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shakespeare_data")
-    data.prepare_shakespeare(SHAKESPEARE, out)
-    return out
 
 
 def torchrun(tmp_path, args):

@@ -113,29 +113,37 @@ def test_make_fx_traces_forward_and_backward():
         assert op in targets, sorted(targets)
 
 
+TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=64)
+
+
+def _tiny_gpt_pair(device):
+    """The same random tiny GPT twice, kernels='torch' (reference) and 'triton', and a (2, 17) batch."""
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(**TINY, kernels="torch")).to(device)
+    tri = GPT(GPTConfig(**TINY, kernels="triton")).to(device)
+    tri.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 97, (2, 17), device=device)
+    targets = torch.randint(0, 97, (2, 17), device=device)
+    return ref, tri, idx, targets
+
+
 def test_gpt_routes_layer_norm_and_gelu_to_triton(kernel_device, expect_launch, monkeypatch):
     """kernels='triton' runs every LayerNorm and GELU through the kernels, forward and backward, and
     matches kernels='torch' on the same weights. Attention is pinned to PyTorch here so that this test
     checks only this issue's kernels."""
     monkeypatch.setattr(ops, "attention",
                         lambda q, k, v, mode="auto": F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    cfg = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=64)
-    torch.manual_seed(0)
-    ref = GPT(GPTConfig(**cfg, kernels="torch")).to(kernel_device)
-    tri = GPT(GPTConfig(**cfg, kernels="triton")).to(kernel_device)
-    tri.load_state_dict(ref.state_dict())
-    idx = torch.randint(0, 97, (2, 17), device=kernel_device)
-    targets = torch.randint(0, 97, (2, 17), device=kernel_device)
+    ref, tri, idx, targets = _tiny_gpt_pair(kernel_device)
 
-    n_ln = 2 * cfg["n_layer"] + 1  # ln_1, ln_2 per block + ln_f
+    n_ln = 2 * TINY["n_layer"] + 1  # ln_1, ln_2 per block + ln_f
     counts = {k: kernels.launches(k) for k in ("layer_norm_fwd", "layer_norm_bwd", "gelu_fwd", "gelu_bwd")}
     with expect_launch("layer_norm_fwd", "layer_norm_bwd", "layer_norm_dwdb", "gelu_fwd", "gelu_bwd"):
         _, loss = tri(idx, targets)
         loss.backward()
     assert kernels.launches("layer_norm_fwd") - counts["layer_norm_fwd"] == n_ln
     assert kernels.launches("layer_norm_bwd") - counts["layer_norm_bwd"] == n_ln
-    assert kernels.launches("gelu_fwd") - counts["gelu_fwd"] == cfg["n_layer"]
-    assert kernels.launches("gelu_bwd") - counts["gelu_bwd"] == cfg["n_layer"]
+    assert kernels.launches("gelu_fwd") - counts["gelu_fwd"] == TINY["n_layer"]
+    assert kernels.launches("gelu_bwd") - counts["gelu_bwd"] == TINY["n_layer"]
 
     _, loss_ref = ref(idx, targets)
     loss_ref.backward()
@@ -259,13 +267,7 @@ def test_linear_cross_entropy_under_fp16_autocast(kernel_device, expect_launch):
 
 def test_gpt_under_fp16_autocast_matches_torch_path(kernel_device, expect_launch):
     """A tiny GPT's loss and gradients under fp16 autocast, kernels='triton' vs kernels='torch'."""
-    cfg = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=64)
-    torch.manual_seed(0)
-    ref = GPT(GPTConfig(**cfg, kernels="torch")).to(kernel_device)
-    tri = GPT(GPTConfig(**cfg, kernels="triton")).to(kernel_device)
-    tri.load_state_dict(ref.state_dict())
-    idx = torch.randint(0, 97, (2, 17), device=kernel_device)
-    targets = torch.randint(0, 97, (2, 17), device=kernel_device)
+    ref, tri, idx, targets = _tiny_gpt_pair(kernel_device)
     with expect_launch("layer_norm_fwd", "layer_norm_bwd", "gelu_fwd", "gelu_bwd", "cross_entropy"):
         with _fp16_amp(kernel_device):
             _, loss = tri(idx, targets, return_logits=False)  # the fused loss, as training runs it

@@ -11,19 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from _train_util import SHAKESPEARE, add_nano, env, nano_args, one_thread, steps, write_entry  # noqa: F401
+from _train_util import add_nano, env, nano_args, one_thread, steps, write_entry  # noqa: F401
 from fastgpt import checkpoint as ck
-from fastgpt import data
 from fastgpt.train import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def shakespeare(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shakespeare_data")
-    data.prepare_shakespeare(SHAKESPEARE, out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,12 @@ import shutil
 import pytest
 import torch
 
-from _train_util import SHAKESPEARE, add_nano, log_records, nano_args, one_thread, run_train, steps  # noqa: F401
-from fastgpt import data
+from _train_util import add_nano, log_records, nano_args, one_thread, run_train, steps  # noqa: F401
 from fastgpt.config import TrainConfig
 from fastgpt.train import get_lr, grad_accum_steps, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LINE = r"step \d+ \| loss: \d+\.\d{4} \| lr: \d\.\d{6} \| norm: \d+\.\d{4} \| dt: \d+ms \| tok/s: [\d,]+"
-
-
-@pytest.fixture(scope="module")
-def shakespeare(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shakespeare_data")
-    data.prepare_shakespeare(SHAKESPEARE, out)
-    return out
 
 
 def _train(capsys, args):
