@@ -76,6 +76,9 @@ def main():
                zero1_param_maxdiff=max((a - b).abs().max().item() for a, b in zip(zp, rp)))
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(out), flush=True)
+    # Both ranks past every collective before either tears gloo down: without it rank 1 sometimes aborted at
+    # exit ("terminate called without an active exception") after all its work was done.
+    dist.barrier()
     dist.destroy_process_group()
 
 
