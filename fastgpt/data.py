@@ -64,39 +64,6 @@ def _token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def write_split(tokens: np.ndarray, out: Path, split: str, shard_tokens: int | None = None) -> list[Path]:
-    """Write tokens as out/{split}_00000.npy, {split}_00001.npy, ... of at most shard_tokens each."""
-    out.mkdir(parents=True, exist_ok=True)
-    size = shard_tokens or max(len(tokens), 1)
-    paths = []
-    for i, start in enumerate(range(0, max(len(tokens), 1), size)):
-        p = out / f"{split}_{i:05d}.npy"
-        np.save(p, tokens[start:start + size])
-        paths.append(p)
-    return paths
-
-
-def _save_train_val(tokens: list[int], out: str | Path, val_fraction: float, shard_tokens: int | None) -> tuple[int, int]:
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val_fraction must be in (0, 1), got {val_fraction}")
-    if shard_tokens is not None and shard_tokens <= 0:
-        raise DataError(f"--shard_tokens must be positive, got {shard_tokens}")
-    from .tokenizer import N_VOCAB
-
-    arr = np.asarray(tokens, dtype=_token_dtype(N_VOCAB))
-    split = int(len(arr) * (1.0 - val_fraction))
-    out = Path(out)
-    # Stale shards from an earlier, larger preparation would otherwise be read as part of this one.
-    for old in out.glob("*.npy") if out.exists() else []:
-        if _split_of(old.name) in ("train", "val"):
-            old.unlink()
-    write_split(arr[:split], out, "train", shard_tokens)
-    write_split(arr[split:], out, "val", shard_tokens)
-    n_train, n_val = split, len(arr) - split
-    print(f"Saved {n_train:,} train tokens and {n_val:,} val tokens")
-    return n_train, n_val
-
-
 def prepare_shakespeare(input: str | Path | None = None, out: str | Path = DEFAULT_DATA_ROOT,
                         download_url: str | None = None) -> tuple[int, int]:
     """Tiny Shakespeare -> out/train_00000.npy (90%) and out/val_00000.npy (10%).

@@ -355,7 +355,6 @@ class StepResult:
     dt: float
     skip: str = ""  # why the update was skipped: "nonfinite", "overflow" (fp16 loss scaler), "spike"; "": applied
     note: str = ""  # what the log line says about a skipped update
-    stop: bool = False  # under DDP: some rank was asked to stop (its flag rode on the loss all-reduce)
 
     @property
     def finite(self) -> bool:
@@ -818,7 +817,7 @@ class Trainer:
         else:
             self.recent_losses = (self.recent_losses + [loss_v])[-SPIKE_WINDOW:]
         self.stop_all = stop_v > 0
-        return StepResult(step, loss_v, norm_v, lr, dt, skip, note, self.stop_all)
+        return StepResult(step, loss_v, norm_v, lr, dt, skip, note)
 
     def spike_limit(self) -> float:
         """Losses above this are spikes: spike_guard x the mean of the recent accepted losses (inf while the
