@@ -516,6 +516,26 @@ def _tracker():
     return _global_peak(MemTracker)()
 
 
+def _step(fwd, idx, opt, patch, ac: CudaAutocast, kops: FastgptOps, mt=None,
+          saved: SavedTensors | None = None) -> None:
+    """One optimizer step of a measured system: zero_grad, forward under `ac` (and `saved`'s hooks), backward,
+    AdamW step, all inside `patch()` and `kops`; `mt.phase` names the phase a tracker's peak falls in. kops is
+    entered inside the tracker (mt), so the op workspace it allocates is tracked."""
+    with patch(), kops:
+        opt.zero_grad(set_to_none=True)
+        if mt is not None:
+            mt.phase = "forward"
+        with saved.hooks() if saved else contextlib.nullcontext():
+            with ac:
+                loss = fwd(idx)
+        if mt is not None:
+            mt.phase = "backward"
+        loss.backward()
+        if mt is not None:
+            mt.phase = "optimizer step"
+        opt.step()
+
+
 def run_one(system: str, model_name: str, batch: int, seq: int, activation_checkpointing: bool = False) -> Result:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -529,31 +549,15 @@ def run_one(system: str, model_name: str, batch: int, seq: int, activation_check
         opt = make_opt()
         idx = torch.randint(0, VOCAB, (batch, seq))
 
-        def step(ac: CudaAutocast, saved: SavedTensors | None, kops: FastgptOps, mt=None):
-            # kops is entered inside MemTracker (mt), so the op workspace it allocates is tracked.
-            with patch(), kops:
-                opt.zero_grad(set_to_none=True)
-                if mt is not None:
-                    mt.phase = "forward"
-                with saved.hooks() if saved else contextlib.nullcontext():
-                    with ac:
-                        loss = fwd(idx)
-                if mt is not None:
-                    mt.phase = "backward"
-                loss.backward()
-                if mt is not None:
-                    mt.phase = "optimizer step"
-                opt.step()
-
         # optimizer state now exists, as in every step after the first
-        step(CudaAutocast(), None, FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS))
+        _step(fwd, idx, opt, patch, CudaAutocast(), FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS))
         ac = CudaAutocast()
         saved = SavedTensors(model, ac)
         kops = FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS)
         mt = _tracker()
         mt.track_external(model, opt)
         with mt:
-            step(ac, saved, kops, mt)
+            _step(fwd, idx, opt, patch, ac, kops, mt, saved)
         saved.close()
         peak = mt.get_tracker_snapshot("peak")
         dev = next(iter(peak))
@@ -808,24 +812,11 @@ def run_fsdp(model_name: str, batch: int, seq: int, world: int, activation_check
             opt = make_opt()
             idx = torch.randint(0, VOCAB, (batch, seq))
 
-            def step(mt=None):
-                with patch(), FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS):
-                    opt.zero_grad(set_to_none=True)
-                    if mt is not None:
-                        mt.phase = "forward"
-                    with CudaAutocast():
-                        loss = fwd(idx)
-                    if mt is not None:
-                        mt.phase = "backward"
-                    loss.backward()
-                    if mt is not None:
-                        mt.phase = "optimizer step"
-                    opt.step()
-
-            step()  # optimizer state now exists, as in every step after the first
+            # optimizer state now exists, as in every step after the first
+            _step(fwd, idx, opt, patch, CudaAutocast(), FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS))
             mt = _fsdp_tracker(model, opt)
             with mt:
-                step(mt)
+                _step(fwd, idx, opt, patch, CudaAutocast(), FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS), mt)
             peak = mt.get_tracker_snapshot("peak")
             dev = next(iter(peak))
             peak = {getattr(k, "value", str(k)): int(v) for k, v in peak[dev].items()}
