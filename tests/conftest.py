@@ -14,6 +14,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Decorated now, while the flag is set: a test that switches the interpreter off (the memory model's)
+    # must not be the first to import kernels, or every later interpreter test would get compiled kernels.
+    import kernels  # noqa: E402, F401
 
 
 def pytest_collection_modifyitems(config, items):
