@@ -330,7 +330,12 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> int:
     """Set up, resume, and run the loop; returns the process exit code."""
     trainer = Trainer(cfg, given)
     try:
-        return trainer.run()
+        rc = trainer.run()
+        if trainer.ddp:
+            # Every rank past its last collective before any tears gloo down: without it a rank sometimes
+            # aborted at exit ("terminate called without an active exception") after all its work was done.
+            dist.barrier()
+        return rc
     except RuntimeError as e:
         if trainer.ddp and _is_collective_timeout(e):
             raise TrainError(trainer.timeout_message(e)) from None
