@@ -12,7 +12,14 @@ Measured, per model size (`tiny` 8 x 128 and `gpt2` 4 x 128 by default):
    backward, clip, AdamW), one thread, the systems interleaved rep by rep so that a shared machine's
    load falls on all of them alike; median and range over --reps;
 2. step peak RSS: each system in its own fresh process; the growth of peak RSS over the RSS just
-   before a training step (after a warm-up step, so optimizer state already exists), and the peak;
+   before a training step (after a warm-up step, so optimizer state already exists), and the peak.
+   Measured twice. Once with glibc's malloc as a user runs it: it keeps freed blocks below its
+   (adaptive, up to 32 MiB) mmap threshold for reuse, so the warm-up step's gradients and activations
+   partly stay in the RSS before the step and only what the step needs beyond them shows as growth.
+   Once "live", with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ fixed at 128 KiB so that freed
+   memory goes back to the system at once: the RSS then follows the live tensors, and the growth is
+   the step's own memory: activations, gradients (freed between steps: zero_grad(set_to_none=True)),
+   the loss's buffers;
 3. generation: greedy tokens per CPU-second with each system's KV cache from a 16-token prompt, with
    the generated ids checked equal across systems (fastgpt vs HF; nanogpt has no cache and is skipped).
 The first-step losses are checked equal too (same weights and batch).
@@ -143,11 +150,18 @@ def rss_child(preset: str, B: int, T: int, name: str) -> dict:
     return {"before": before, "peak": _status_bytes("VmHWM")}
 
 
-def rss(preset: str, B: int, T: int, name: str) -> dict:
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}  # glibc: free = unmap
+
+
+def rss(preset: str, B: int, T: int, name: str, live: bool = False) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from bench.cpu import rss_child; "
             f"print('RSS', json.dumps(rss_child({preset!r}, {B}, {T}, {name!r})))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
+    for k in LIVE_MALLOC:
+        env.pop(k, None)
+    if live:
+        env.update(LIVE_MALLOC)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1200)
     if r.returncode != 0:
         raise RuntimeError(f"RSS run of {name} failed:\n{r.stderr[-3000:]}")
@@ -202,6 +216,7 @@ def main(argv=None) -> int:
         res = {"throughput": throughput(preset, B, T, args.reps, args.systems)}
         if not args.no_rss:
             res["rss"] = {n: rss(preset, B, T, n) for n in args.systems}
+            res["rss_live"] = {n: rss(preset, B, T, n, live=True) for n in args.systems}
         if args.gen_tokens:
             res["generation"] = generation(preset, args.gen_tokens, max(1, args.reps // 2))
         results[m] = res
@@ -214,21 +229,27 @@ def main(argv=None) -> int:
 def render(m: str, B: int, T: int, res: dict) -> str:
     thr = res["throughput"]
     nano = statistics.median(thr["nanogpt"]["tok_per_cpu_s"]) if "nanogpt" in thr else None
-    nano_rss = res.get("rss", {}).get("nanogpt")
+
+    def growth(kind: str, n: str) -> tuple[str, str]:
+        rs, ref = res.get(kind, {}).get(n), res.get(kind, {}).get("nanogpt")
+        if not rs:
+            return "-", "-"
+        g = rs["peak"] - rs["before"]
+        return f"{g / 2**20:,.0f} MiB", (f"{g / (ref['peak'] - ref['before']):.2f}x" if ref else "-")
+
     lines = [f"| {m} {B}x{T} | train tok/CPU-s (median, range) | vs nanoGPT | step RSS growth | vs nanoGPT "
-             f"| peak RSS | generate tok/CPU-s |",
-             "|---|---|---|---|---|---|---|"]
+             f"| peak RSS | step live growth | vs nanoGPT | live peak | generate tok/CPU-s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in thr.items():
         med, lo, hi = _med(r["tok_per_cpu_s"])
         rel = f"{med / nano:.2f}x" if nano else "-"
-        rs = res.get("rss", {}).get(n)
-        growth = rs["peak"] - rs["before"] if rs else None
-        grow_s = f"{growth / 2**20:,.0f} MiB" if rs else "-"
-        grow_rel = f"{growth / (nano_rss['peak'] - nano_rss['before']):.2f}x" if rs and nano_rss else "-"
-        peak_s = f"{rs['peak'] / 2**20:,.0f} MiB" if rs else "-"
+        cells = []
+        for kind in ("rss", "rss_live"):
+            rs = res.get(kind, {}).get(n)
+            cells += [*growth(kind, n), f"{rs['peak'] / 2**20:,.0f} MiB" if rs else "-"]
         g = res.get("generation", {}).get(n)
         gen_s = f"{statistics.median(g['tok_per_cpu_s']):,.0f}" if g else "-"
-        lines.append(f"| {n} | {med:,.0f} ({lo:,.0f}-{hi:,.0f}) | {rel} | {grow_s} | {grow_rel} | {peak_s} | {gen_s} |")
+        lines.append(f"| {n} | {med:,.0f} ({lo:,.0f}-{hi:,.0f}) | {rel} | {' | '.join(cells)} | {gen_s} |")
     gen = res.get("generation")
     if gen:
         lines.append(f"greedy ids equal across fastgpt/HF: {next(iter(gen.values()))['same_ids']}")

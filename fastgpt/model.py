@@ -170,7 +170,12 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"position {start + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        wte = self.transformer.wte.weight
+        if self.lm_head.weight is wte:  # tied (always, unless a caller untied them): one gradient buffer
+            tok_emb, head_weight = ops.tied_embedding(idx, wte, self.config.kernels)  # (B, T, C), (V, C)
+        else:
+            tok_emb, head_weight = self.transformer.wte(idx), self.lm_head.weight
+        x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))  # (B, T, C)
         recompute = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if recompute:
@@ -183,11 +188,11 @@ class GPT(nn.Module):
 
         mode = self.config.kernels
         if targets is None:
-            return self.lm_head(x), None
+            return F.linear(x, head_weight), None
         if return_logits:
-            logits = self.lm_head(x)  # (B, T, V)
+            logits = F.linear(x, head_weight)  # (B, T, V)
             return logits, ops.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), mode)
-        loss = ops.linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), mode)
+        loss = ops.linear_cross_entropy(x.view(B * T, -1), head_weight, targets.reshape(B * T), mode)
         return None, loss
 
     # ---------------------------------------------------------------------------------------

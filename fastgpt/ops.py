@@ -126,6 +126,50 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "au
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+class _TiedEmbedding(torch.autograd.Function):
+    """GPT-2's wte read twice: rows for the token embedding and, whole, as the lm_head weight.
+
+    Autograd alone gives the embedding its own dense (V, C) gradient (zero-filled, then the token rows
+    added) and sums it with the head's (V, C) gradient: two (V, C) buffers at the end of the backward, the
+    top of a CPU step's memory (2 x 147 MiB at GPT-2 small in fp32). Here both uses hang off one node, so
+    its backward gets the head's gradient and adds the B*T token rows into it in place.
+    """
+
+    @staticmethod
+    def forward(ctx, idx, weight):
+        ctx.save_for_backward(idx)
+        ctx.weight_shape = weight.shape
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        return F.embedding(idx, weight), weight.view_as(weight)  # (B, T, C), (V, C) alias for the head
+
+    @staticmethod
+    def backward(ctx, g_emb, g_head):
+        (idx,) = ctx.saved_tensors
+        if g_emb is None:
+            return None, g_head
+        C = ctx.weight_shape[1]
+        rows = g_emb.reshape(-1, C)  # (B*T, C)
+        if g_head is None:  # the head was not used (set_materialize_grads(False) below)
+            return None, torch.zeros(ctx.weight_shape, dtype=g_emb.dtype, device=g_emb.device).index_add_(
+                0, idx.reshape(-1), rows)
+        if torch.compiler.is_compiling() or not g_head.is_contiguous():
+            return None, g_head.index_add(0, idx.reshape(-1), rows.to(g_head.dtype))
+        # In place: the head's gradient is this node's alone (the fused loss hands over its saved dweight,
+        # whose version bump makes a retain_graph second backward raise instead of reusing it).
+        return None, g_head.index_add_(0, idx.reshape(-1), rows.to(g_head.dtype))
+
+
+def tied_embedding(idx: torch.Tensor, weight: torch.Tensor, mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding rows (B, T, C), the head's weight (V, C)) for a wte that is also the lm_head.
+
+    With gradients on CPU the two uses share one gradient buffer (_TiedEmbedding). On CUDA the plain
+    embedding stays: its backward is deterministic there, and an index_add_ would not be.
+    """
+    if torch.is_grad_enabled() and weight.requires_grad and weight.device.type == "cpu":
+        return _TiedEmbedding.apply(idx, weight)
+    return F.embedding(idx, weight), weight
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """Mean cross-entropy of (N, V) logits against (N,) targets; target -1 is ignored."""
     return F.cross_entropy(logits.float(), targets, ignore_index=-1)

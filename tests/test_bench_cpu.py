@@ -14,3 +14,16 @@ def test_systems_share_weights_and_greedy_ids(monkeypatch):
     assert all(g["same_ids"] for g in gen.values())
     table = cpu.render("nano", 2, 16, {"throughput": thr, "generation": gen})
     assert "| fastgpt |" in table and "1.00x" in table  # nanoGPT is the reference row
+
+
+def test_table_gives_both_rss_growths_against_nanogpt():
+    thr = {n: {"tok_per_cpu_s": [100.0 * (i + 1)], "first_loss": 1.0} for i, n in enumerate(("fastgpt", "nanogpt"))}
+    mib = 2**20
+    res = {"throughput": thr,
+           "rss": {"fastgpt": {"before": 1000 * mib, "peak": 1100 * mib},
+                   "nanogpt": {"before": 1000 * mib, "peak": 1400 * mib}},
+           "rss_live": {"fastgpt": {"before": 900 * mib, "peak": 1200 * mib},
+                        "nanogpt": {"before": 900 * mib, "peak": 1500 * mib}}}
+    row = next(ln for ln in cpu.render("x", 1, 1, res).splitlines() if ln.startswith("| fastgpt |"))
+    assert row == ("| fastgpt | 100 (100-100) | 0.50x | 100 MiB | 0.25x | 1,100 MiB | 300 MiB | 0.50x "
+                   "| 1,200 MiB | - |")
