@@ -27,3 +27,12 @@ def test_table_gives_both_rss_growths_against_nanogpt():
     row = next(ln for ln in cpu.render("x", 1, 1, res).splitlines() if ln.startswith("| fastgpt |"))
     assert row == ("| fastgpt | 100 (100-100) | 0.50x | 100 MiB | 0.25x | 1,100 MiB | 300 MiB | 0.50x "
                    "| 1,200 MiB | - |")
+
+
+def test_glibc_growth_is_the_median_run_with_its_range():
+    mib = 2**20
+    runs = [{"before": 1000 * mib, "peak": (1000 + g) * mib} for g in (300, 100, 200)]
+    med = cpu._median_run(runs)
+    assert med["peak"] - med["before"] == 200 * mib and med["runs"] == runs
+    res = {"throughput": {"fastgpt": {"tok_per_cpu_s": [1.0], "first_loss": 1.0}}, "rss": {"fastgpt": med}}
+    assert "| 200 (100-300) MiB |" in cpu.render("x", 1, 1, res)
