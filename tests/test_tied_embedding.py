@@ -108,3 +108,18 @@ def test_without_gradients_the_plain_embedding_runs():
     assert head is w and emb.grad_fn is None
     emb, head = ops.tied_embedding(torch.tensor([[1, 2]]), w.detach())
     assert head.grad_fn is None
+
+
+def test_compiled_model_gives_the_same_gradients(monkeypatch):
+    """torch.compile traces the tied embedding in one graph (its backward adds out of place there)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    grads = []
+    for m in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        _, loss = m(x, y, return_logits=False)
+        loss.backward()
+        grads.append(model.transformer.wte.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
