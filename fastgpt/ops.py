@@ -162,10 +162,13 @@ class _TiedEmbedding(torch.autograd.Function):
 def tied_embedding(idx: torch.Tensor, weight: torch.Tensor, mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(embedding rows (B, T, C), the head's weight (V, C)) for a wte that is also the lm_head.
 
-    With gradients on CPU the two uses share one gradient buffer (_TiedEmbedding). On CUDA the plain
-    embedding stays: its backward is deterministic there, and an index_add_ would not be.
+    With gradients on the PyTorch path on CPU the two uses share one gradient buffer (_TiedEmbedding).
+    Where the kernels run (CUDA, the interpreter, bench.memory's model of a CUDA step) the plain embedding
+    stays: its CUDA backward is deterministic, an index_add_ would not be, and at the end of a GPU backward
+    the activations it would compete with are gone.
     """
-    if torch.is_grad_enabled() and weight.requires_grad and weight.device.type == "cpu":
+    if (torch.is_grad_enabled() and weight.requires_grad and weight.device.type == "cpu"
+            and not use_triton(mode, weight)):
         return _TiedEmbedding.apply(idx, weight)
     return F.embedding(idx, weight), weight
 

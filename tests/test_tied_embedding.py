@@ -23,7 +23,7 @@ def test_gradients_match_the_plain_embedding(use):
     grads = []
     for fn in (ops.tied_embedding, _plain):
         w = torch.randn(V, C, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        emb, head = fn(idx, w)
+        emb, head = fn(idx, w, "torch")
         loss = 0
         if use in ("both", "embedding"):
             loss = loss + (emb * g_emb).sum()
@@ -104,10 +104,21 @@ def test_second_backward_through_the_fused_loss_is_refused():
 def test_without_gradients_the_plain_embedding_runs():
     w = torch.randn(10, 4, requires_grad=True)
     with torch.no_grad():
-        emb, head = ops.tied_embedding(torch.tensor([[1, 2]]), w)
+        emb, head = ops.tied_embedding(torch.tensor([[1, 2]]), w, "torch")
     assert head is w and emb.grad_fn is None
-    emb, head = ops.tied_embedding(torch.tensor([[1, 2]]), w.detach())
+    emb, head = ops.tied_embedding(torch.tensor([[1, 2]]), w.detach(), "torch")
     assert head.grad_fn is None
+
+
+def test_where_the_kernels_run_the_plain_embedding_stays(monkeypatch):
+    """The interpreter (conftest sets TRITON_INTERPRET=1) stands for CUDA, as bench.memory's forced route does:
+    there the embedding keeps autograd's own backward."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w = torch.randn(10, 4, requires_grad=True)
+    emb, head = ops.tied_embedding(torch.tensor([[1, 2]]), w, "auto")
+    assert head is w and type(emb.grad_fn).__name__ == "EmbeddingBackward0"
+    emb, head = ops.tied_embedding(torch.tensor([[1, 2]]), w, "torch")
+    assert type(emb.grad_fn).__name__ == "_TiedEmbeddingBackward"
 
 
 def test_compiled_model_gives_the_same_gradients(monkeypatch):
