@@ -149,7 +149,7 @@ class _TiedEmbedding(torch.autograd.Function):
             return None, g_head
         C = ctx.weight_shape[1]
         rows = g_emb.reshape(-1, C)  # (B*T, C)
-        if g_head is None:  # the head was not used (set_materialize_grads(False) below)
+        if g_head is None:  # the head was not used (set_materialize_grads(False) in forward)
             return None, torch.zeros(ctx.weight_shape, dtype=g_emb.dtype, device=g_emb.device).index_add_(
                 0, idx.reshape(-1), rows)
         if torch.compiler.is_compiling() or not g_head.is_contiguous():
