@@ -147,16 +147,14 @@ class _TiedEmbedding(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         if g_emb is None:
             return None, g_head
-        C = ctx.weight_shape[1]
-        rows = g_emb.reshape(-1, C)  # (B*T, C)
+        rows, flat = g_emb.reshape(-1, ctx.weight_shape[1]), idx.reshape(-1)  # (B*T, C), (B*T,)
         if g_head is None:  # the head was not used (set_materialize_grads(False) in forward)
-            return None, torch.zeros(ctx.weight_shape, dtype=g_emb.dtype, device=g_emb.device).index_add_(
-                0, idx.reshape(-1), rows)
+            g_head = rows.new_zeros(ctx.weight_shape)
         if torch.compiler.is_compiling() or not g_head.is_contiguous():
-            return None, g_head.index_add(0, idx.reshape(-1), rows.to(g_head.dtype))
+            return None, g_head.index_add(0, flat, rows.to(g_head.dtype))
         # In place: the head's gradient is this node's alone (the fused loss hands over its saved dweight,
         # whose version bump makes a retain_graph second backward raise instead of reusing it).
-        return None, g_head.index_add_(0, idx.reshape(-1), rows.to(g_head.dtype))
+        return None, g_head.index_add_(0, flat, rows.to(g_head.dtype))
 
 
 def tied_embedding(idx: torch.Tensor, weight: torch.Tensor, mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
