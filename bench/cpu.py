@@ -240,16 +240,18 @@ def render(m: str, B: int, T: int, res: dict) -> str:
     thr = res["throughput"]
     nano = statistics.median(thr["nanogpt"]["tok_per_cpu_s"]) if "nanogpt" in thr else None
 
-    def growth(kind: str, n: str) -> tuple[str, str]:
+    def memory_cells(kind: str, n: str) -> list[str]:
+        """Step growth (with the runs' range), its ratio to nanoGPT's, and the peak, for one RSS kind."""
         rs, ref = res.get(kind, {}).get(n), res.get(kind, {}).get("nanogpt")
         if not rs:
-            return "-", "-"
+            return ["-", "-", "-"]
         g = rs["peak"] - rs["before"]
         spread = ""
         if len(rs.get("runs", ())) > 1:
             gs = [(r["peak"] - r["before"]) / 2**20 for r in rs["runs"]]
             spread = f" ({min(gs):,.0f}-{max(gs):,.0f})"
-        return f"{g / 2**20:,.0f}{spread} MiB", (f"{g / (ref['peak'] - ref['before']):.2f}x" if ref else "-")
+        return [f"{g / 2**20:,.0f}{spread} MiB", f"{g / (ref['peak'] - ref['before']):.2f}x" if ref else "-",
+                f"{rs['peak'] / 2**20:,.0f} MiB"]
 
     lines = [f"| {m} {B}x{T} | train tok/CPU-s (median, range) | vs nanoGPT | step RSS growth (median, range) | vs nanoGPT "
              f"| peak RSS | step live growth | vs nanoGPT | live peak | generate tok/CPU-s |",
@@ -257,10 +259,7 @@ def render(m: str, B: int, T: int, res: dict) -> str:
     for n, r in thr.items():
         med, lo, hi = _med(r["tok_per_cpu_s"])
         rel = f"{med / nano:.2f}x" if nano else "-"
-        cells = []
-        for kind in ("rss", "rss_live"):
-            rs = res.get(kind, {}).get(n)
-            cells += [*growth(kind, n), f"{rs['peak'] / 2**20:,.0f} MiB" if rs else "-"]
+        cells = memory_cells("rss", n) + memory_cells("rss_live", n)
         g = res.get("generation", {}).get(n)
         gen_s = f"{statistics.median(g['tok_per_cpu_s']):,.0f}" if g else "-"
         lines.append(f"| {n} | {med:,.0f} ({lo:,.0f}-{hi:,.0f}) | {rel} | {' | '.join(cells)} | {gen_s} |")
