@@ -46,7 +46,7 @@ t0 = time.process_time()
 rc = main(sys.argv[2:])
 print("TRAIN_CPU_S:", time.process_time() - t0)
 last = sorted(glob.glob(sys.argv[sys.argv.index("--log_dir") + 1] + "/model_*.pt"))[-1]
-print("SAMPLE:", json.dumps(sample_text(load_model(last), "ROMEO:", 30)))
+print("SAMPLE:", json.dumps("ROMEO:" + sample_text(load_model(last), "ROMEO:", 30)))
 sys.exit(rc)
 """
 

@@ -6,7 +6,6 @@ tokens, exactly what the cache-free path feeds the model, so both give the same 
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -76,11 +75,8 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
     dtype = next(model.parameters()).dtype
     # The prompt's ids are checked once: every later id is sampled from the vocabulary, and the model's
     # own check would cost a GPU->CPU sync per generated token.
-    checked = contextlib.nullcontext()
-    if hasattr(model, "ids_checked"):
-        model._check_input(idx[:, -block:])  # what the model is fed
-        checked = model.ids_checked()
-    with checked:
+    model._check_input(idx[:, -block:])  # what the model is fed
+    with model.ids_checked():
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = model(out[:, -block:])
@@ -98,17 +94,21 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
 
 def sample_text(model, prompt: str = "\n", max_new_tokens: int = 40, temperature: float = 0.8, top_k: int = 40,
                 seed: int = 42) -> str:
-    """One decoded sample after `prompt`, reproducible by seed: what a training run shows of its model."""
+    """The decoded continuation of `prompt` (prompt not included), reproducible by seed: what a training run
+    prints of its model. Its own generator draws the tokens, so no other RNG stream (and no resume) moves."""
     from .tokenizer import EOT_TOKEN, get_encoding
 
     enc = get_encoding()
     device = next(model.parameters()).device
-    idx = torch.tensor([enc.encode_ordinary(prompt) or [EOT_TOKEN]], device=device)
+    ids = enc.encode_ordinary(prompt) or [EOT_TOKEN]
+    idx = torch.tensor([ids[-model.config.block_size:]], device=device)  # (1, T)
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        out = sample(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+        # In the weights' own dtype (no autocast): the KV cache holds that dtype.
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
     finally:
         model.train(was_training)
-    return enc.decode(out[0].tolist())
+    # A vocabulary padded past GPT-2's (e.g. 50304) may yield ids no tokenizer knows: leave them out.
+    return enc.decode([t for t in out[0, idx.shape[1]:].tolist() if t < enc.n_vocab])

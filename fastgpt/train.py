@@ -925,19 +925,12 @@ class Trainer:
         """A seeded continuation of --sample_prompt, printed by rank 0. Its own generator (seeded by --seed and
         the step) draws the tokens, so the training RNG streams, and with them resume, stay untouched. Every
         rank generates the same tokens: a model sharded across ranks needs all of them in each forward."""
-        from .tokenizer import EOT_TOKEN, get_encoding
+        from .generate import sample_text
 
-        cfg, enc = self.cfg, get_encoding()
-        ids = enc.encode_ordinary(cfg.sample_prompt) or [EOT_TOKEN]
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + done)
-        idx = torch.tensor([ids[-self.gcfg.block_size:]], device=self.device)  # (1, T)
-        self.raw.eval()
-        # In the weights' own dtype (no autocast): the KV cache holds that dtype.
-        out = self.raw.generate(idx, cfg.sample_tokens, temperature=1.0, top_k=50, generator=gen)
-        self.raw.train()
+        cfg = self.cfg
+        text = sample_text(self.raw, cfg.sample_prompt, cfg.sample_tokens, temperature=1.0, top_k=50,
+                           seed=cfg.seed + done)
         if self.master:
-            # A vocabulary padded past GPT-2's (e.g. 50304) may yield ids no tokenizer knows: leave them out.
-            text = enc.decode([t for t in out[0, idx.shape[1]:].tolist() if t < enc.n_vocab])
             self.log(f"sample at step {done}:\n{cfg.sample_prompt + text}")
             self.runlog.sample(done, cfg.sample_prompt, text)
 
