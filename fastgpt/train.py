@@ -740,7 +740,7 @@ class Trainer:
         rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
         x = torch.zeros((self.cfg.micro_batch_size, self.cfg.seq_len), dtype=torch.long, device=self.device)
         self.model.train()
-        with self.model.no_sync() if self.ddp else contextlib.nullcontext():
+        with self.model.no_sync() if distributed.defers_grad_sync(self.model) else contextlib.nullcontext():
             with self.autocast():
                 _, loss = self.model(x, x, return_logits=False)
             loss.backward()

@@ -308,3 +308,35 @@ def test_hellaswag_in_training_is_refused_under_fsdp_with_several_ranks(tmp_path
         ok = SimpleNamespace(world=world, gcfg=GPTConfig())
         Trainer.check_watch_flags(ok, TrainConfig(hellaswag_interval=5, hellaswag_data=str(fixture), shard=shard))
         assert ok.hellaswag_examples
+
+
+def test_kernel_warm_up_runs_under_fsdp(tmp_path, monkeypatch):
+    """The CUDA warm-up (one dummy forward/backward before step 0) skips the gradient sync only where the model
+    has no_sync: an FSDP2 module has none, and the warm-up raised AttributeError there on several GPUs. Run on
+    CPU (gloo, one rank) with the CUDA-only calls stubbed out."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fastgpt.distributed import fully_shard_gpt
+    from fastgpt.train import Trainer
+
+    for name in ("get_rng_state", "set_rng_state", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = GPT(GPTConfig(**PICO, kernels="torch"))
+        fully_shard_gpt(model, init_device_mesh("cpu", (1,)), None)
+        assert not hasattr(model, "no_sync")
+        logs = []
+        trainer = SimpleNamespace(
+            cuda=True, ddp=True, master=True, device=torch.device("cpu"), model=model, autocast=contextlib.nullcontext,
+            cfg=SimpleNamespace(micro_batch_size=2, seq_len=16), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            log=logs.append)
+        Trainer.warm_up_kernels(trainer)
+        assert all(p.grad is None for p in model.parameters())  # the dummy batch's gradients are dropped
+        assert logs and logs[-1].startswith("kernel warm-up")
+    finally:
+        dist.destroy_process_group()
