@@ -143,6 +143,11 @@ def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
     return dist.is_initialized() and isinstance(optimizer, _zero())
 
 
+def inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that updates this rank's tensors: the one ZeroRedundancyOptimizer wraps, else itself."""
+    return getattr(optimizer, "optim", optimizer)
+
+
 def _is_sharded(model: nn.Module) -> bool:
     if not dist.is_initialized():
         return False

@@ -32,7 +32,7 @@ from .config import DTYPE_CHOICES, KERNEL_CHOICES, PRESETS, GPTConfig, TrainConf
 from .data import DEFAULT_DATA_ROOT, DataError, ShardLoader, prepare_default_data
 from .distributed import SHARD_MODES, to_cpu as _to_cpu  # noqa: F401 (_to_cpu: tests)
 from .lock import LockError, RunLock
-from .metrics import Progress, RunLog, fmt_duration, peak_flops
+from .metrics import LOG_TXT, METRICS, Progress, RunLog, fmt_duration, peak_flops
 from .model import GPT
 
 # With no GPU and no --model, these replace the GPU-sized defaults for every flag the user did not give:
@@ -266,13 +266,18 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _preset_of(config: dict) -> str | None:
+    """The preset whose shape a GPTConfig dict has (kernels and dropout aside), or None for a custom model."""
+    return next((n for n, c in PRESETS.items()
+                 if all(config.get(k) == v for k, v in asdict(c).items() if k not in ("kernels", "dropout"))), None)
+
+
 def _check_resume_config(path: Path, saved: dict, wanted: GPTConfig, model_name: str) -> None:
     want = asdict(wanted)
     diffs = [f"{k}={saved.get(k)!r} (now {want[k]!r})" for k in want
              if k != "kernels" and saved.get(k) != want[k]]  # kernels choose code paths, not weights
     if diffs:
-        preset = next((n for n, c in PRESETS.items()
-                       if all(saved.get(k) == v for k, v in asdict(c).items() if k not in ("kernels", "dropout"))), None)
+        preset = _preset_of(saved)
         how = f"pass --model {preset} to continue it" if preset else "train with the model it was made with"
         raise TrainError(f"{path} holds a different model than --model {model_name}: {', '.join(diffs)}. "
                          f"To resume it, {how}; to start a new run, pass another --log_dir.")
@@ -388,7 +393,6 @@ class Trainer:
             self.log(n)
         self.build_model()
         self.log_dir = Path(self.cfg.log_dir)
-        self.log_file = self.log_dir / "log.txt"
         self.start_step = 0
         self.last_val: float | None = None
         self.resolve_step_options()
@@ -492,7 +496,6 @@ class Trainer:
         self.raw.activation_checkpointing = cfg.activation_checkpointing
         self.optimizer = self.raw.configure_optimizers(weight_decay=cfg.weight_decay, lr=cfg.max_lr,
                                                        device_type=self.device.type)
-        self.params = [p for p in self.raw.parameters() if p.requires_grad]
         from .ops import attention_plan, backend_name
 
         self.log(f"model: {self.model_name} ({self.raw.num_params() / 1e6:.1f}M parameters) | kernels: "
@@ -543,9 +546,7 @@ class Trainer:
             raise TrainError(f"--init_from {src}: {e}") from None
         except (KeyError, TypeError) as e:  # a checkpoint without a usable config
             raise TrainError(f"--init_from {src}: not a fastgpt checkpoint with a model config ({e!r})") from None
-        preset = next((n for n, c in PRESETS.items()
-                       if all(getattr(gcfg, k) == v for k, v in asdict(c).items() if k not in ("kernels", "dropout"))),
-                      None)
+        preset = _preset_of(asdict(gcfg))
         if "model" in self.given and preset != cfg.model:
             raise TrainError(f"--model {cfg.model} does not match --init_from {src} (a {preset or 'custom'} model: "
                              f"n_layer={gcfg.n_layer}, n_head={gcfg.n_head}, n_embd={gcfg.n_embd}); drop --model")
@@ -608,7 +609,7 @@ class Trainer:
         self.log(f"run: {cfg.max_steps:,} steps x {cfg.total_batch_size:,} tokens = "
                  f"{cfg.max_steps * cfg.total_batch_size:,} tokens | data: {train_tokens:,} train tokens in "
                  f"{len(self.train_loader.paths)} shard(s) -> {epochs:.2f} epochs | dtype: {dtype}")
-        self.log(f"watch: {', '.join(watch)} | logs: {self.log_dir / 'log.txt'}, {self.log_dir / 'metrics.jsonl'}")
+        self.log(f"watch: {', '.join(watch)} | logs: {self.log_dir / LOG_TXT}, {self.log_dir / METRICS}")
 
     def autocast(self):
         dtype = _AUTOCAST.get(self.dtype)
@@ -627,7 +628,7 @@ class Trainer:
                 print(f"removed {p}, left by an interrupted checkpoint write")
             if cfg.restart:
                 old = [p for _, p in ckpt_io.list_checkpoints(self.log_dir)] + \
-                      [self.log_dir / n for n in ("log.txt", "metrics.jsonl")]
+                      [self.log_dir / n for n in (LOG_TXT, METRICS)]
                 dest = ckpt_io.move_aside(self.log_dir, old, "restart")
                 if dest:
                     self.log(f"--restart: moved the previous run's files to {dest}; starting a new run")
@@ -816,7 +817,7 @@ class Trainer:
                                    f"{limit / cfg.spike_guard:.4f}; weights unchanged")
         if skip:
             # FusedAdamW counts steps on the host, which cannot see the device-side skip: it is told now
-            undo = getattr(getattr(optimizer, "optim", optimizer), "undo_step_count", None)
+            undo = getattr(distributed.inner_optimizer(optimizer), "undo_step_count", None)
             if undo is not None:
                 undo()
         else:
@@ -838,7 +839,7 @@ class Trainer:
         AMP protocol of torch's fused AdamW and of kernels.FusedAdamW: the update kernels read it on the
         device, so the host never waits for it."""
         opt = self.optimizer
-        inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer steps the optimizer it wraps
+        inner = distributed.inner_optimizer(opt)  # ZeroRedundancyOptimizer steps the optimizer it wraps
         if getattr(inner, "_step_supports_amp_scaling", False):
             inner.found_inf, inner.grad_scale = skip.float(), None
             try:
@@ -1010,7 +1011,7 @@ class Trainer:
             if v is not None and v > 2 * uniform:
                 return f"the {what} {v:.4g} is far above a uniform guess's {uniform:.2f}: the weights have blown up"
         named = [(f"weight {n}", p) for n, p in self.raw.named_parameters()]
-        opt = getattr(self.optimizer, "optim", self.optimizer)
+        opt = distributed.inner_optimizer(self.optimizer)
         named += [(f"optimizer {k} of tensor {i}", t) for i, st in enumerate(opt.state.values())
                   for k, t in st.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
         local = [t.to_local() if hasattr(t, "to_local") else t for _, t in named]  # a sharded tensor's own part
@@ -1177,7 +1178,6 @@ class Trainer:
         self.wrap_model()
         self.warm_up_kernels()
         if self.master:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
             # Drops what a killed run logged past the checkpoint it resumes from: one record per step.
             self.runlog = RunLog(self.log_dir, self.start_step, cfg.total_batch_size)
         self.peak = peak_flops(self.device)
