@@ -128,11 +128,9 @@ def prepare_texts(files: list[str | Path], out: str | Path, val_fraction: float 
     fingerprint = {"source": "text", "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
                    "pieces": n_pieces}
     # Piece k is sliced from the text only when it is tokenized: no second copy of the whole text.
-    n = _tokenize_pieces(Path(out), fingerprint, n_pieces, lambda k: text[cuts[k]:cuts[k + 1]], _encode_text,
-                         num_proc)
-    if n < 2:
-        raise DataError(f"{', '.join(map(str, files))}: fewer than 2 tokens of text")
-    return _write_from_pieces(Path(out), n_pieces, val_fraction, shard_tokens)
+    _tokenize_pieces(Path(out), fingerprint, n_pieces, lambda k: text[cuts[k]:cuts[k + 1]], _encode_text, num_proc)
+    return _write_from_pieces(Path(out), n_pieces, val_fraction, shard_tokens,
+                              f"{', '.join(map(str, files))}: fewer than 2 tokens of text")
 
 
 def prepare_hf(dataset: str, out: str | Path, name: str | None = None, split: str = "train",
@@ -162,7 +160,8 @@ def prepare_hf(dataset: str, out: str | Path, name: str | None = None, split: st
     fingerprint = {"source": "hf", "dataset": dataset, "name": name, "split": split, "text_field": text_field,
                    "documents": n_docs, "hf_fingerprint": getattr(ds, "_fingerprint", None), "pieces": len(starts)}
     _tokenize_pieces(Path(out), fingerprint, len(starts), piece, _encode_docs, num_proc)
-    return _write_from_pieces(Path(out), len(starts), val_fraction, shard_tokens)
+    return _write_from_pieces(Path(out), len(starts), val_fraction, shard_tokens,
+                              f"{Path(out)}: fewer than 2 tokens of text to split")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,10 +234,10 @@ def _save_npy_atomic(arr: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _tokenize_pieces(out: Path, fingerprint: dict, n_pieces: int, piece, encode, num_proc: int) -> int:
+def _tokenize_pieces(out: Path, fingerprint: dict, n_pieces: int, piece, encode, num_proc: int) -> None:
     """Tokenize pieces 0..n_pieces-1 (piece(k) gives piece k, asked for only when it is tokenized) into
     out/.prepare/piece_K.npy, skipping pieces an interrupted run of the same preparation (same manifest)
-    already wrote; returns the total token count."""
+    already wrote."""
     import json
 
     from .metrics import Counter
@@ -272,18 +271,19 @@ def _tokenize_pieces(out: Path, fingerprint: dict, n_pieces: int, piece, encode,
             _save_npy_atomic(encode(piece(k)), _piece_path(spool, k))
             bar.update()
     bar.close()
-    return sum(len(np.load(_piece_path(spool, k), mmap_mode="r")) for k in range(n_pieces))
 
 
-def _write_from_pieces(out: Path, n_pieces: int, val_fraction: float, shard_tokens: int | None) -> tuple[int, int]:
-    """The last val_fraction of the tokens become val shards, the rest train shards; then the spool goes."""
+def _write_from_pieces(out: Path, n_pieces: int, val_fraction: float, shard_tokens: int | None,
+                       too_few: str) -> tuple[int, int]:
+    """The last val_fraction of the tokens become val shards, the rest train shards; then the spool goes.
+    Fewer than 2 tokens raise DataError(too_few), leaving the spool and any earlier shards in place."""
     import shutil
 
     spool = out / SPOOL
     parts = [np.load(_piece_path(spool, k), mmap_mode="r") for k in range(n_pieces)]
     total = sum(len(p) for p in parts)
     if total < 2:
-        raise DataError(f"{out}: fewer than 2 tokens of text to split")
+        raise DataError(too_few)
     split = int(total * (1.0 - val_fraction))
     # Stale shards from an earlier, larger preparation would otherwise be read as part of this one.
     for old in out.glob("*.npy"):
