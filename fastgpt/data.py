@@ -386,12 +386,12 @@ def _npy_problem(path: Path, e: Exception) -> str:
 
 def numbering_gaps(paths: list[Path], split: str) -> list[str]:
     """Names missing from the split_00000, split_00001, ... sequence (shards named otherwise are not judged)."""
-    nums = sorted(int(m.group(1)) for p in paths if (m := re.fullmatch(rf"{split}_(\d+)\.npy", p.name)))
-    if not nums:
+    digits = [m.group(1) for p in paths if (m := re.fullmatch(rf"{split}_(\d+)\.npy", p.name))]
+    if not digits:
         return []
-    width = max(len(m.group(1)) for p in paths if (m := re.fullmatch(rf"{split}_(\d+)\.npy", p.name)))
-    have = set(nums)
-    return [f"{split}_{i:0{width}d}.npy" for i in range(0, nums[-1]) if i not in have]
+    width = max(map(len, digits))
+    have = {int(d) for d in digits}
+    return [f"{split}_{i:0{width}d}.npy" for i in range(0, max(have)) if i not in have]
 
 
 class ShardLoader:
