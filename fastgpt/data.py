@@ -124,13 +124,13 @@ def prepare_texts(files: list[str | Path], out: str | Path, val_fraction: float 
     text = "\n".join(texts)
     _check_split_args(val_fraction, shard_tokens, num_proc)
     cuts = _cut_points(text, PIECE_CHARS)
-    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    n_pieces = len(cuts) - 1
     fingerprint = {"source": "text", "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                   "pieces": len(pieces)}
-    n = _tokenize_pieces(Path(out), fingerprint, pieces, _encode_text, num_proc)
-    if n < 2:
-        raise DataError(f"{', '.join(map(str, files))}: fewer than 2 tokens of text")
-    return _write_from_pieces(Path(out), len(pieces), val_fraction, shard_tokens)
+                   "pieces": n_pieces}
+    # Piece k is sliced from the text only when it is tokenized: no second copy of the whole text.
+    _tokenize_pieces(Path(out), fingerprint, n_pieces, lambda k: text[cuts[k]:cuts[k + 1]], _encode_text, num_proc)
+    return _write_from_pieces(Path(out), n_pieces, val_fraction, shard_tokens,
+                              f"{', '.join(map(str, files))}: fewer than 2 tokens of text")
 
 
 def prepare_hf(dataset: str, out: str | Path, name: str | None = None, split: str = "train",
@@ -151,12 +151,17 @@ def prepare_hf(dataset: str, out: str | Path, name: str | None = None, split: st
                         f"(choose one with --text_field)")
     n_docs = len(ds) if limit is None else min(len(ds), limit)
     starts = list(range(0, n_docs, DOCS_PER_PIECE))
-    # Pieces are fetched lazily (only those not yet tokenized); document i of piece k is ds[k*D + i].
-    pieces = _LazyPieces(ds, text_field, starts, n_docs)
+
+    def piece(k: int) -> tuple[bool, list[str]]:
+        # Pieces are fetched lazily (only those not yet tokenized); document i of piece k is ds[k*D + i].
+        a = starts[k]
+        return k == 0, list(ds[a:min(a + DOCS_PER_PIECE, n_docs)][text_field])
+
     fingerprint = {"source": "hf", "dataset": dataset, "name": name, "split": split, "text_field": text_field,
                    "documents": n_docs, "hf_fingerprint": getattr(ds, "_fingerprint", None), "pieces": len(starts)}
-    _tokenize_pieces(Path(out), fingerprint, pieces, _encode_docs, num_proc)
-    return _write_from_pieces(Path(out), len(starts), val_fraction, shard_tokens)
+    _tokenize_pieces(Path(out), fingerprint, len(starts), piece, _encode_docs, num_proc)
+    return _write_from_pieces(Path(out), len(starts), val_fraction, shard_tokens,
+                              f"{Path(out)}: fewer than 2 tokens of text to split")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,20 +223,6 @@ def _encode_docs(item: tuple[bool, list[str]]) -> np.ndarray:
     return np.asarray(tokens, dtype=_token_dtype(N_VOCAB))
 
 
-class _LazyPieces:
-    """The HF dataset's pieces, fetched from it only when asked for."""
-
-    def __init__(self, ds, field: str, starts: list[int], n_docs: int):
-        self.ds, self.field, self.starts, self.n = ds, field, starts, n_docs
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, k: int) -> tuple[bool, list[str]]:
-        a = self.starts[k]
-        return k == 0, list(self.ds[a:min(a + DOCS_PER_PIECE, self.n)][self.field])
-
-
 def _piece_path(spool: Path, k: int) -> Path:
     return spool / f"piece_{k:06d}.npy"
 
@@ -243,9 +234,10 @@ def _save_npy_atomic(arr: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _tokenize_pieces(out: Path, fingerprint: dict, pieces, encode, num_proc: int) -> int:
-    """Tokenize every piece into out/.prepare/piece_K.npy, skipping pieces an interrupted run of the same
-    preparation (same manifest) already wrote; returns the total token count."""
+def _tokenize_pieces(out: Path, fingerprint: dict, n_pieces: int, piece, encode, num_proc: int) -> None:
+    """Tokenize pieces 0..n_pieces-1 (piece(k) gives piece k, asked for only when it is tokenized) into
+    out/.prepare/piece_K.npy, skipping pieces an interrupted run of the same preparation (same manifest)
+    already wrote."""
     import json
 
     from .metrics import Counter
@@ -259,11 +251,11 @@ def _tokenize_pieces(out: Path, fingerprint: dict, pieces, encode, num_proc: int
         shutil.rmtree(spool)  # a half-finished preparation of other input: start over
     spool.mkdir(parents=True, exist_ok=True)
     manifest.write_text(want)
-    todo = [k for k in range(len(pieces)) if not _piece_path(spool, k).exists()]
-    done = len(pieces) - len(todo)
+    todo = [k for k in range(n_pieces) if not _piece_path(spool, k).exists()]
+    done = n_pieces - len(todo)
     if done:
-        print(f"resuming an interrupted preparation: {done} of {len(pieces)} pieces already tokenized")
-    bar = Counter(len(pieces), "tokenizing", "pieces")
+        print(f"resuming an interrupted preparation: {done} of {n_pieces} pieces already tokenized")
+    bar = Counter(n_pieces, "tokenizing", "pieces")
     bar.update(done)
     if num_proc > 1 and len(todo) > 1:
         import multiprocessing as mp
@@ -271,26 +263,27 @@ def _tokenize_pieces(out: Path, fingerprint: dict, pieces, encode, num_proc: int
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(min(num_proc, len(todo))) as pool:
             # imap keeps the order and hands out one piece per task; results are written as they arrive.
-            for k, arr in zip(todo, pool.imap(encode, (pieces[k] for k in todo))):
+            for k, arr in zip(todo, pool.imap(encode, (piece(k) for k in todo))):
                 _save_npy_atomic(arr, _piece_path(spool, k))
                 bar.update()
     else:
         for k in todo:
-            _save_npy_atomic(encode(pieces[k]), _piece_path(spool, k))
+            _save_npy_atomic(encode(piece(k)), _piece_path(spool, k))
             bar.update()
     bar.close()
-    return sum(len(np.load(_piece_path(spool, k), mmap_mode="r")) for k in range(len(pieces)))
 
 
-def _write_from_pieces(out: Path, n_pieces: int, val_fraction: float, shard_tokens: int | None) -> tuple[int, int]:
-    """The last val_fraction of the tokens become val shards, the rest train shards; then the spool goes."""
+def _write_from_pieces(out: Path, n_pieces: int, val_fraction: float, shard_tokens: int | None,
+                       too_few: str) -> tuple[int, int]:
+    """The last val_fraction of the tokens become val shards, the rest train shards; then the spool goes.
+    Fewer than 2 tokens raise DataError(too_few), leaving the spool and any earlier shards in place."""
     import shutil
 
     spool = out / SPOOL
     parts = [np.load(_piece_path(spool, k), mmap_mode="r") for k in range(n_pieces)]
     total = sum(len(p) for p in parts)
     if total < 2:
-        raise DataError(f"{out}: fewer than 2 tokens of text to split")
+        raise DataError(too_few)
     split = int(total * (1.0 - val_fraction))
     # Stale shards from an earlier, larger preparation would otherwise be read as part of this one.
     for old in out.glob("*.npy"):
@@ -393,12 +386,12 @@ def _npy_problem(path: Path, e: Exception) -> str:
 
 def numbering_gaps(paths: list[Path], split: str) -> list[str]:
     """Names missing from the split_00000, split_00001, ... sequence (shards named otherwise are not judged)."""
-    nums = sorted(int(m.group(1)) for p in paths if (m := re.fullmatch(rf"{split}_(\d+)\.npy", p.name)))
-    if not nums:
+    digits = [m.group(1) for p in paths if (m := re.fullmatch(rf"{split}_(\d+)\.npy", p.name))]
+    if not digits:
         return []
-    width = max(len(m.group(1)) for p in paths if (m := re.fullmatch(rf"{split}_(\d+)\.npy", p.name)))
-    have = set(nums)
-    return [f"{split}_{i:0{width}d}.npy" for i in range(0, nums[-1]) if i not in have]
+    width = max(map(len, digits))
+    have = {int(d) for d in digits}
+    return [f"{split}_{i:0{width}d}.npy" for i in range(0, max(have)) if i not in have]
 
 
 class ShardLoader:
