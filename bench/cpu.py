@@ -67,6 +67,7 @@ def make_systems(preset: str, names=SYSTEMS, seed: int = 0) -> dict:
             model.load_state_dict(ref.state_dict())
             out[name] = (model, lambda x, y, m=model: m(x, y)[1], model.configure_optimizer(1e-4, 0.1))
         elif name.startswith("hf-"):
+            from bench.nanogpt import decay_groups
             from fastgpt.hf import to_hf
 
             model = to_hf(ref)
@@ -78,10 +79,7 @@ def make_systems(preset: str, names=SYSTEMS, seed: int = 0) -> dict:
                 logits = m(input_ids=x).logits  # (B, T, V); the targets are already shifted, as for the others
                 return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), ignore_index=-1)
 
-            params = [p for p in model.parameters() if p.requires_grad]
-            groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-            out[name] = (model, loss_fn, torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95)))
+            out[name] = (model, loss_fn, torch.optim.AdamW(decay_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95)))
         else:
             raise ValueError(f"unknown system {name!r}; choose from {SYSTEMS}")
     return out

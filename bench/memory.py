@@ -370,9 +370,9 @@ def build(system: str, size: dict, seq: int):
 
 
 def make_adamw(model) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    from bench.nanogpt import decay_groups
+
+    groups = decay_groups(model, 0.1)
     try:
         return torch.optim.AdamW(groups, lr=1e-4, fused=True)  # as on CUDA: no foreach temporaries
     except (RuntimeError, ValueError):
