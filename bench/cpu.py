@@ -67,6 +67,7 @@ def make_systems(preset: str, names=SYSTEMS, seed: int = 0) -> dict:
             model.load_state_dict(ref.state_dict())
             out[name] = (model, lambda x, y, m=model: m(x, y)[1], model.configure_optimizer(1e-4, 0.1))
         elif name.startswith("hf-"):
+            from bench.nanogpt import decay_groups
             from fastgpt.hf import to_hf
 
             model = to_hf(ref)
@@ -78,10 +79,7 @@ def make_systems(preset: str, names=SYSTEMS, seed: int = 0) -> dict:
                 logits = m(input_ids=x).logits  # (B, T, V); the targets are already shifted, as for the others
                 return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), ignore_index=-1)
 
-            params = [p for p in model.parameters() if p.requires_grad]
-            groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-            out[name] = (model, loss_fn, torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95)))
+            out[name] = (model, loss_fn, torch.optim.AdamW(decay_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95)))
         else:
             raise ValueError(f"unknown system {name!r}; choose from {SYSTEMS}")
     return out
@@ -98,7 +96,7 @@ def train_step(system, x, y) -> float:
     return loss.item()
 
 
-def batch(preset: str, B: int, T: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(B: int, T: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     buf = torch.randint(0, 50257, (B * T + 1,), generator=g)
     return buf[:-1].view(B, T), buf[1:].view(B, T)
@@ -109,7 +107,7 @@ def batch(preset: str, B: int, T: int, seed: int = 1) -> tuple[torch.Tensor, tor
 # ------------------------------------------------------------------------------------------------
 def throughput(preset: str, B: int, T: int, reps: int, names=SYSTEMS) -> dict:
     systems = make_systems(preset, names)
-    x, y = batch(preset, B, T)
+    x, y = batch(B, T)
     # Same weights, same batch: the first losses agree (the steps then diverge only by rounding).
     first = {n: train_step(s, x, y) for n, s in systems.items()}
     spread = max(first.values()) - min(first.values())
@@ -140,7 +138,7 @@ def rss_child(preset: str, B: int, T: int, name: str) -> dict:
     is no use here: a child inherits its parent's peak across fork and exec."""
     torch.set_num_threads(1)
     system = make_systems(preset, (name,))[name]
-    x, y = batch(preset, B, T)
+    x, y = batch(B, T)
     train_step(system, x, y)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak to the current RSS
@@ -181,7 +179,7 @@ def _median_run(runs: list[dict]) -> dict:
 def generation(preset: str, new_tokens: int, reps: int) -> dict:
     """Greedy decoding with a KV cache: fastgpt.generate vs transformers' generate, same weights."""
     systems = make_systems(preset, ("fastgpt", "hf-eager", "hf-sdpa"))
-    prompt = batch(preset, 1, 16, seed=2)[0]  # (1, 16)
+    prompt = batch(1, 16, seed=2)[0]  # (1, 16)
     outs, times = {}, {n: [] for n in systems}
     for _ in range(reps):
         for n, (model, _, _) in systems.items():

@@ -370,9 +370,9 @@ def build(system: str, size: dict, seq: int):
 
 
 def make_adamw(model) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    from bench.nanogpt import decay_groups
+
+    groups = decay_groups(model, 0.1)
     try:
         return torch.optim.AdamW(groups, lr=1e-4, fused=True)  # as on CUDA: no foreach temporaries
     except (RuntimeError, ValueError):
@@ -507,6 +507,11 @@ def _global_peak(tracker_cls):
                     self._peak_mem_snap[dev] = dict(snap)
                     self.peak_phase = self.phase
 
+        def peak_by_category(self) -> dict:
+            """The first device's memory at the peak, bytes by category name ("Total" included)."""
+            peak = self.get_tracker_snapshot("peak")
+            return {getattr(k, "value", str(k)): int(v) for k, v in peak[next(iter(peak))].items()}
+
     return GlobalPeak
 
 
@@ -559,9 +564,7 @@ def run_one(system: str, model_name: str, batch: int, seq: int, activation_check
         with mt:
             _step(fwd, idx, opt, patch, ac, kops, mt, saved)
         saved.close()
-        peak = mt.get_tracker_snapshot("peak")
-        dev = next(iter(peak))
-        peak = {getattr(k, "value", str(k)): int(v) for k, v in peak[dev].items()}
+        peak = mt.peak_by_category()
         peak_phase = mt.peak_phase
 
         n_params = sum(p.numel() for p in model.parameters())
@@ -817,9 +820,7 @@ def run_fsdp(model_name: str, batch: int, seq: int, world: int, activation_check
             mt = _fsdp_tracker(model, opt)
             with mt:
                 _step(fwd, idx, opt, patch, CudaAutocast(), FastgptOps(ce_chunk_rows=CE_CHUNK_ROWS), mt)
-            peak = mt.get_tracker_snapshot("peak")
-            dev = next(iter(peak))
-            peak = {getattr(k, "value", str(k)): int(v) for k, v in peak[dev].items()}
+            peak = mt.peak_by_category()
     finally:
         dist.destroy_process_group()
     return RankResult("fsdp", model_name, batch, seq, world, activation_checkpointing, peak["Total"], mt.peak_phase,
@@ -851,8 +852,13 @@ def run_rank(mode: str, model_name: str, batch: int, seq: int, world: int,
     return _zero1_from(ddp, world) if mode == "zero1" and world > 1 else ddp
 
 
+def _card_holds(g: int, peak: int) -> bool:
+    """A card of `g` GB holds a modelled peak of `peak` bytes (with CARD_MARGIN to spare)."""
+    return peak <= g * 2**30 - CARD_MARGIN
+
+
 def _fits(peak: int) -> str:
-    return next((f"{g} GB" for g in CARDS_GB if peak <= g * 2**30 - CARD_MARGIN), "none listed")
+    return next((f"{g} GB" for g in CARDS_GB if _card_holds(g, peak)), "none listed")
 
 
 def render_ranks(results: list[RankResult]) -> str:
@@ -893,7 +899,7 @@ def fit_table(batch: int, seq: int, models=("gpt2", "gpt2-medium", "gpt2-large",
             results += rs
             cells = []
             for g in CARDS_GB:
-                w = next((r.world for r in rs if r.peak_bytes <= g * 2**30 - CARD_MARGIN), None)
+                w = next((r.world for r in rs if _card_holds(g, r.peak_bytes)), None)
                 cells.append("-" if w is None else ("any" if mode == "ddp" else f"{w}+"))
             peaks = " / ".join(fmt_bytes(r.peak_bytes) for r in rs)
             rows.append(f"| {m} | {mode}{' + AC' if ac else ''} | {peaks} | " + " | ".join(cells) + " |")

@@ -141,11 +141,17 @@ class NanoGPT(nn.Module):
 
     def configure_optimizer(self, lr: float = 6e-4, weight_decay: float = 0.1, betas=(0.9, 0.95),
                             device_type: str = "cpu") -> torch.optim.AdamW:
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         extra = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **extra)
+        return torch.optim.AdamW(decay_groups(self, weight_decay), lr=lr, betas=betas, eps=1e-8, **extra)
+
+
+def decay_groups(params_or_module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups after the recipe: `weight_decay` on the tensors of 2+ dims, none on the 1-D
+    ones (biases, LayerNorm), in parameter order; parameters that need no gradient are left out."""
+    params = params_or_module.parameters() if isinstance(params_or_module, nn.Module) else params_or_module
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def make_model(size: str = "gpt2", compile: bool = False, **overrides) -> nn.Module:

@@ -23,11 +23,8 @@ from dataclasses import dataclass
 from fastgpt.metrics import KNOWN_GPUS, gpu_peaks  # noqa: F401 (re-exported: bench's GPU table is the trainer's)
 from fastgpt.model import FLOP_CONVENTION, train_flops_per_token
 
-GPUS = {
-    # name: (HBM bytes/s, dense bf16 tensor-core FLOP/s)
-    "A100-SXM4-80GB": (2.039e12, 312e12),
-    "H100-SXM": (3.35e12, 989e12),
-}
+# name: (HBM bytes/s, dense bf16 tensor-core FLOP/s), from fastgpt.metrics.KNOWN_GPUS
+GPUS = {name: gpu_peaks(name) for name in ("A100-SXM4-80GB", "H100-SXM")}
 WIDTHS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # GPT-2 widths -> heads (head dim 64)
 GPT2_PARAMS = {768: 124_439_808, 1024: 354_823_168, 1280: 774_030_080, 1600: 1_557_611_200}
 LAYERS = {768: 12, 1024: 24, 1280: 36, 1600: 48}
@@ -45,12 +42,10 @@ class Cost:
         return max(self.bytes / bw, self.flops / flops if self.flops else 0.0)
 
 
-def layer_norm_cost(rows: int, C: int, pass_: str, act_bytes: int | None = None, *, in_bytes: int = 4,
-                    out_bytes: int = 2) -> Cost:
+def layer_norm_cost(rows: int, C: int, pass_: str, act_bytes: int | None = None) -> Cost:
     """The model's LayerNorm under bf16 autocast by default: fp32 x in, bf16 y out (dy in bf16, dx fp32).
     `act_bytes` sets both (a LayerNorm on 16-bit activations, as the kernel benchmark runs it)."""
-    if act_bytes is not None:
-        in_bytes = out_bytes = act_bytes
+    in_bytes, out_bytes = (4, 2) if act_bytes is None else (act_bytes, act_bytes)
     fwd = rows * C * (in_bytes + out_bytes) + 2 * rows * 4 + 2 * C * 4  # x in, y out, mean+rstd out, w+b in
     bwd = rows * C * (2 * in_bytes + out_bytes) + 2 * rows * 4 + 4 * C * 4  # x, dy in, dx out, stats in, dw+db
     b = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
