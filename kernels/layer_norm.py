@@ -352,7 +352,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     const = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_N=block_n, ROWS=rows, PREFETCH=prefetch,
                  num_warps=warps, num_stages=1)
 
-    def args(groups, rows_per_prog, part_w, part_b):
+    def args(rows_per_prog, part_w, part_b):
         return (dy2, x2, w, mean.reshape(-1), rstd.reshape(-1), dx, part_w, part_b,
                 dy2.stride(0), x2.stride(0), n, m, n, rows_per_prog)
 
@@ -361,7 +361,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
         key = (x.device, dy.dtype, x.dtype, w.dtype, has_weight, has_bias, block_n, rows, warps)
         per_sm = _BWD_BLOCKS_PER_SM.get(key)
         if per_sm is None:
-            compiled = _layer_norm_bwd_kernel.warmup(*args(1, m, dw, db), grid=(1,), **const)
+            compiled = _layer_norm_bwd_kernel.warmup(*args(m, dw, db), grid=(1,), **const)
             per_sm = _BWD_BLOCKS_PER_SM[key] = _compiled_blocks_per_sm(compiled, x.device)
         groups = min(blocks, per_sm * _sm_props(x.device)[0])
     else:
@@ -371,7 +371,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     part_w = torch.empty((groups if has_weight else 1, n), dtype=torch.float32, device=x.device)
     part_b = torch.empty((groups if has_bias else 1, n), dtype=torch.float32, device=x.device)
     count_launch("layer_norm_bwd")
-    _layer_norm_bwd_kernel[(groups,)](*args(groups, rows_per_prog, part_w, part_b), **const)
+    _layer_norm_bwd_kernel[(groups,)](*args(rows_per_prog, part_w, part_b), **const)
     if has_weight or has_bias:
         count_launch("layer_norm_dwdb")
         _layer_norm_dwdb_kernel[(triton.cdiv(n, _DWDB_BLOCK_C),)](
