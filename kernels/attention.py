@@ -411,8 +411,7 @@ class Tile:
                              num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def _t(bm: int, bn: int, warps: int, stages: int, max_d: int = 128) -> Tile:
-    return Tile(bm, bn, warps, stages, max_d)
+_t = Tile  # short name for the tables below: _t(BLOCK_M, BLOCK_N, num_warps, num_stages[, max_head_dim])
 
 
 KERNELS = ("fwd", "dkdv", "dq")
