@@ -158,7 +158,7 @@ def _compile_one(task: tuple[int, str]) -> Row:
     from kernels._launch import ARCHS, all_builds
 
     b = all_builds()[index]
-    row = Row(kernel=b.kernel, arch=arch, config=b.config, group=b.group or b.config,
+    row = Row(kernel=b.kernel, arch=arch, config=b.config, group=b.group_key,
               smem_limit=ARCHS[arch].smem_per_block)
     try:
         if not isinstance(b.fn, triton.runtime.JITFunction):
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs = max(1, min(cpus, cpus - round(os.getloadavg()[0])))
     groups: dict[tuple, list[tuple[int, str]]] = {}
     for i, arch in tasks:
-        groups.setdefault((builds[i].kernel, arch, builds[i].group or builds[i].config), []).append((i, arch))
+        groups.setdefault((builds[i].kernel, arch, builds[i].group_key), []).append((i, arch))
     t0 = time.time()
     rows = _first_fit(groups, args.jobs) if args.first_fit else _compile_all(tasks, args.jobs)
     elapsed = time.time() - t0

@@ -246,6 +246,11 @@ class Build:
     archs: tuple[str, ...] = ()  # names in ARCHS this build is launched on; empty: every arch
     group: str = ""  # builds of one kernel with one group are alternatives (autotune configs); "" = config
 
+    @property
+    def group_key(self) -> str:
+        """The group this build belongs to: `group`, or its own `config` when it has none."""
+        return self.group or self.config
+
 
 _BUILDERS: list[Callable[[], list[Build]]] = []
 

@@ -57,6 +57,7 @@ tile), so every process launches the same tiles and results are bitwise reproduc
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ import triton.language as tl
 from ._jit import store_cast
 from ._launch import (
     Build,
+    _cuda_index,
     attention_route,
     can_launch,
     count_launch,
@@ -409,8 +411,7 @@ class Tile:
                              num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def _t(bm: int, bn: int, warps: int, stages: int, max_d: int = 128) -> Tile:
-    return Tile(bm, bn, warps, stages, max_d)
+_t = Tile  # short name for the tables below: _t(BLOCK_M, BLOCK_N, num_warps, num_stages[, max_head_dim])
 
 
 KERNELS = ("fwd", "dkdv", "dq")
@@ -541,11 +542,16 @@ def attention_config_mode() -> str:
     return mode
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_arch_name(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
 def _arch_name(t: torch.Tensor) -> str:
     if t.device.type != "cuda":
         return "interpreter"
-    major, minor = torch.cuda.get_device_capability(t.device)
-    return f"sm_{major}{minor}"
+    return _cuda_arch_name(_cuda_index(t.device))
 
 
 def attention_configs() -> list[dict]:
@@ -604,8 +610,7 @@ def _run(kernel: str, grid, args: tuple, flags: dict, q: torch.Tensor, T: int) -
         tuned[grid](*args, **flags)
         c = tuned.best_config
         tile = Tile(*_config_key(c), max_head_dim=flags["HEAD_DIM"])
-    if _chosen.get(key) != tile:
-        _chosen[key] = tile
+    _chosen[key] = tile
     count_launch(f"attention_{'bwd_' if kernel != 'fwd' else ''}{kernel}")
 
 

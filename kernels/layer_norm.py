@@ -62,6 +62,7 @@ from ._jit import store_cast
 from ._launch import (
     TORCH_TO_TRITON,
     Build,
+    _cuda_index,
     can_launch,
     count_launch,
     on_tensor_device,
@@ -207,14 +208,20 @@ def _layer_norm_dwdb_kernel(
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
+def _block_n(n: int) -> int:
+    """BLOCK_N of a row of `n` features: the next power of two, at most MAX_N."""
+    block_n = next_pow2(n)
+    if block_n > MAX_N:
+        raise ValueError(f"layer_norm supports up to {MAX_N} features per row, got {n}")
+    return block_n
+
+
 def _row_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) of the forward's ROWS x BLOCK_N tile, one tile a program: ~4096
     elements, 16 per thread, so each thread issues two (bf16) or four (fp32) 128-bit loads before the
     row reductions. GPT-2 widths: 768/1024 -> 4 rows x 1024, 1280/1600 -> 2 rows x 2048, all 8 warps;
     4096 -> 1 x 4096 with 8 warps, 8192 -> 1 x 8192 with 16."""
-    block_n = next_pow2(n)
-    if block_n > MAX_N:
-        raise ValueError(f"layer_norm supports up to {MAX_N} features per row, got {n}")
+    block_n = _block_n(n)
     rows = min(max(4096 // block_n, 1), 16)
     warps = min(max(block_n * rows // 512, 2), 16)
     return block_n, rows, warps
@@ -232,9 +239,7 @@ def _bwd_config(n: int, x_bytes: int) -> tuple[int, int, int, bool]:
     whatever the dtype (8 bf16 needed 102-104 registers at 4096). 8192 -> 16 warps, 16 a thread,
     without the prefetch (two tiles spill; at 32 warps a block may use only 64 registers a thread and
     spills too): ~120 registers, one block per SM, which the occupancy-sized grid accounts for."""
-    block_n = next_pow2(n)
-    if block_n > MAX_N:
-        raise ValueError(f"layer_norm supports up to {MAX_N} features per row, got {n}")
+    block_n = _block_n(n)
     rows = min(max(1024 // block_n, 1), 16)
     tile = block_n * rows
     if tile > 4096:
@@ -267,7 +272,7 @@ def blocks_per_sm(n_regs: int, num_warps: int, shared_bytes: int, regs_per_sm: i
 
 def _sm_props(device: torch.device) -> tuple[int, int, int, int]:
     """(SMs, registers per SM, threads per SM, shared bytes per SM) of a CUDA device."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = _cuda_index(device)
     if idx not in _SM_PROPS:
         p = torch.cuda.get_device_properties(idx)
         _SM_PROPS[idx] = (p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
@@ -352,7 +357,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     const = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_N=block_n, ROWS=rows, PREFETCH=prefetch,
                  num_warps=warps, num_stages=1)
 
-    def args(groups, rows_per_prog, part_w, part_b):
+    def args(rows_per_prog, part_w, part_b):
         return (dy2, x2, w, mean.reshape(-1), rstd.reshape(-1), dx, part_w, part_b,
                 dy2.stride(0), x2.stride(0), n, m, n, rows_per_prog)
 
@@ -361,7 +366,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
         key = (x.device, dy.dtype, x.dtype, w.dtype, has_weight, has_bias, block_n, rows, warps)
         per_sm = _BWD_BLOCKS_PER_SM.get(key)
         if per_sm is None:
-            compiled = _layer_norm_bwd_kernel.warmup(*args(1, m, dw, db), grid=(1,), **const)
+            compiled = _layer_norm_bwd_kernel.warmup(*args(m, dw, db), grid=(1,), **const)
             per_sm = _BWD_BLOCKS_PER_SM[key] = _compiled_blocks_per_sm(compiled, x.device)
         groups = min(blocks, per_sm * _sm_props(x.device)[0])
     else:
@@ -371,7 +376,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     part_w = torch.empty((groups if has_weight else 1, n), dtype=torch.float32, device=x.device)
     part_b = torch.empty((groups if has_bias else 1, n), dtype=torch.float32, device=x.device)
     count_launch("layer_norm_bwd")
-    _layer_norm_bwd_kernel[(groups,)](*args(groups, rows_per_prog, part_w, part_b), **const)
+    _layer_norm_bwd_kernel[(groups,)](*args(rows_per_prog, part_w, part_b), **const)
     if has_weight or has_bias:
         count_launch("layer_norm_dwdb")
         _layer_norm_dwdb_kernel[(triton.cdiv(n, _DWDB_BLOCK_C),)](
