@@ -94,7 +94,7 @@ def test_train_without_data_gives_the_prepare_hint(tmp_path):
     """Only the default --data_root is prepared automatically: a missing other one may be a typo."""
     r = fastgpt("train", "--max_steps", "1", "--data_root", "my_data", cwd=tmp_path, check=False)
     assert r.returncode == 1
-    assert "'my_data' not found" in r.stderr and "run `fastgpt prepare shakespeare` first" in r.stderr
+    assert "'my_data' not found" in r.stderr and "run `fastgpt prepare shakespeare --out my_data` first" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "my_data").exists()
 
 
