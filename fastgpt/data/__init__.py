@@ -20,6 +20,7 @@ from pathlib import Path
 from .loader import DATA_ORDERS, ShardLoader
 from .prepare import prepare_hf, prepare_texts
 from .shards import DataError, _split_of, find_shards, load_shard, numbering_gaps
+from .stream import prepare_files, prepare_hf_stream
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # Tiny Shakespeare (public domain, 1.1 MB) ships inside the package, so preparing it needs no network.
@@ -28,7 +29,7 @@ DEFAULT_DATA_ROOT = "shakespeare_data"
 DEFAULT_SHARD_TOKENS = 100_000_000
 
 __all__ = ["DATA_ORDERS", "DEFAULT_DATA_ROOT", "DataError", "ShardLoader", "find_shards", "load_shard",
-           "numbering_gaps", "prepare_default_data", "prepare_hf", "prepare_shakespeare", "prepare_texts"]
+           "numbering_gaps", "prepare_default_data", "prepare_files", "prepare_hf", "prepare_hf_stream", "prepare_shakespeare", "prepare_texts"]
 
 
 def cache_dir() -> Path:
