@@ -101,6 +101,8 @@ class TrainConfig:
     hellaswag_limit: int = 0  # first N examples; 0: all
     shard: str = "ddp"  # ddp | zero1 | fsdp: what each rank keeps (fastgpt/distributed.py)
     activation_checkpointing: bool = False  # recompute each block in the backward instead of storing it
+    data_order: str = "sequential"  # sequential | shuffled: order of the train chunks (fastgpt/data/loader.py)
+    recipe: str | None = None  # a named flag set (fastgpt/data/recipes.py); flags given still win
 
     @classmethod
     def field_names(cls) -> list[str]:

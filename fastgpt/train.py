@@ -29,7 +29,8 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_io
 from . import distributed, fingerprint
 from .config import DTYPE_CHOICES, KERNEL_CHOICES, PRESETS, GPTConfig, TrainConfig
-from .data import DEFAULT_DATA_ROOT, DataError, ShardLoader, prepare_default_data
+from .data import DATA_ORDERS, DEFAULT_DATA_ROOT, DataError, ShardLoader, prepare_default_data
+from .data.recipes import RECIPES, recipe
 from .distributed import SHARD_MODES, to_cpu as _to_cpu  # noqa: F401 (_to_cpu: tests)
 from .lock import LockError, RunLock
 from .metrics import LOG_TXT, METRICS, Progress, RunLog, fmt_duration, peak_flops
@@ -74,6 +75,8 @@ class EvalInterrupted(Exception):
 # ------------------------------------------------------------------------------------------------
 HELP = {
     "data_root": "directory with train_*.npy / val_*.npy token shards",
+    "data_order": "train chunks in order (sequential) or in a seeded permutation per epoch (shuffled)",
+    "recipe": "fill the flags not given from a named recipe (gpt2-124m-fineweb: build-nanogpt's 124M run)",
     "total_batch_size": "tokens per optimizer step, over all ranks and accumulation micro-steps",
     "micro_batch_size": "sequences per forward pass per rank (lower it if you run out of memory)",
     "seq_len": "tokens per sequence",
@@ -141,6 +144,10 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
             p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help=f"{HELP[f.name]} [{d}]")
         elif f.name == "model":
             p.add_argument("--model", choices=list(PRESETS), default=None, help=HELP[f.name])
+        elif f.name == "data_order":
+            p.add_argument("--data_order", choices=DATA_ORDERS, default=None, help=f"{HELP[f.name]} [{d}]")
+        elif f.name == "recipe":
+            p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help=HELP[f.name])
         else:
             typ = type(d) if d is not None else str
             p.add_argument(f"--{f.name}", type=typ, default=None, help=f"{HELP.get(f.name, '')} [{d}]")
@@ -150,7 +157,11 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 def parse_args(argv=None, prog: str = "train.py") -> tuple[TrainConfig, set[str]]:
     ns = build_parser(prog).parse_args(argv)
     given = {k for k, v in vars(ns).items() if v is not None}
-    cfg = replace(TrainConfig(), **{k: getattr(ns, k) for k in given})
+    values = {k: getattr(ns, k) for k in given}
+    if ns.recipe:  # the recipe's values count as given (CPU defaults do not override them)
+        values = {**recipe(ns.recipe), **values}
+        given |= set(values)
+    cfg = replace(TrainConfig(), **values)
     return cfg, given
 
 
@@ -475,7 +486,8 @@ class Trainer:
             if self.ddp:
                 dist.barrier()
         self.train_loader = ShardLoader(cfg.data_root, "train", B, T, self.rank, self.world, self.gcfg.vocab_size,
-                                        verbose=self.master, pin_memory=self.cuda)
+                                        verbose=self.master, pin_memory=self.cuda, order=cfg.data_order,
+                                        seed=cfg.seed)
         # One sequence per chunk: rank r evaluates sequences r, r + world, ... of the same eval set.
         self.val_loader = ShardLoader(cfg.data_root, "val", 1, T, self.rank, self.world, self.gcfg.vocab_size,
                                       verbose=self.master)
