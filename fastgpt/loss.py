@@ -24,9 +24,8 @@ by grad_output. Nothing of size N x V outlives a chunk. dweight is the (V, C) gr
 anyway (GPT-2's tied wte adds its token rows into it: ops.tied_embedding), so the loss's own extra
 memory is one chunk's (rows, V) buffer, allocated once and reused. The chunk trades that buffer against
 matmul efficiency: every chunk after the first also reads and writes the whole (V, C) dweight.
-`ROWS = 128` keeps the buffer at 25 MiB (fp32, V = 50,257) and costs little: one CPU thread, forward +
-backward at N = 512, C = 768 (median of 4 interleaved): 512 rows 0.889 s, 256 rows 0.907 s, 128 rows
-0.912 s, 64 rows 1.096 s; at N = 1024, C = 128: 128 rows 0.36 s, 32 rows 0.48 s, unfused 0.80 s.
+`ROWS = 128` keeps the buffer at 25 MiB (fp32, V = 50,257) and costs little time against larger chunks
+(the timings per chunk size are in docs/cpu.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The one dispatch point between fastgpt's model and its kernels.
 
-Rule (see ARCHITECTURE.md): with `kernels="auto"`, CUDA tensors and an importable `kernels` package
+Rule (see docs/architecture.md): with `kernels="auto"`, CUDA tensors and an importable `kernels` package
 run the Triton kernels; CPU tensors run them through the interpreter when TRITON_INTERPRET=1; anything
 else runs the PyTorch reference written here. `kernels="triton"` where Triton cannot run raises,
 never falls back; `kernels="torch"` always takes the reference.
