@@ -38,9 +38,13 @@ alignment hints.
 
 Skipping an update on the device: `found_inf` (a 0-d fp32 device tensor, torch's AMP protocol, so
 `torch.amp.GradScaler` and the trainer use it as they use torch's fused AdamW) is read by every program;
-where it is nonzero each tensor counts as empty: every load and store is masked off, p, m and v stay
-untouched and the host never waits for the flag. The step counts live on the host and cannot see it:
-they advance, and a caller that learns the step was skipped calls `undo_step_count()`.
+where it is nonzero each tensor counts as empty: every load and store is masked off and p, m and v stay
+untouched. The step counts live on the host, so `step()` reads the flag once the kernel is queued (the
+GPU is not kept waiting: it runs the update while the host reads) and takes back the counts of a skipped
+step, as torch's fused AdamW takes them back on the device: after every step, with or without
+`GradScaler.unscale_`, params, moments and `state['step']` equal torch's. `grad_scale` (set by
+`GradScaler.step` when the grads are still scaled) divides the grads before the update; unlike torch's
+fused kernel, the unscaled values are not written back into `p.grad`.
 
 Limits: params, m, v fp32 and contiguous; grads fp32, bf16 or fp16 (made contiguous if needed;
 sparse grads are rejected). Unsupported torch options (amsgrad, maximize, foreach, capturable,
@@ -484,17 +488,19 @@ class FusedAdamW(torch.optim.Optimizer):
         if grad_scale is not None:  # GradScaler.step without unscale_: the grads are still scaled
             grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
         torch._foreach_add_(step_ts, 1.0)  # CPU tensors: no device work
-        self._counted = step_ts  # what undo_step_count takes back
         steps = [float(s) for s in step_ts]
         lrs, wds, b1s, b2s, epss = (list(col) for col in zip(*hypers))
-        adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps, getattr(self, "found_inf", None))
+        found_inf = getattr(self, "found_inf", None)
+        adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps, found_inf)
+        # The kernel skipped everything where found_inf is set: so does the count (torch's fused AdamW
+        # subtracts found_inf from its device-side counts). Read after the launch, so the GPU has work.
+        if found_inf is not None and bool(found_inf != 0):
+            torch._foreach_sub_(step_ts, 1.0)
         return loss
 
     def undo_step_count(self) -> None:
-        """Take back the last step's count increments: for a step that `found_inf` skipped on the device."""
-        counted, self._counted = getattr(self, "_counted", []), []
-        if counted:
-            torch._foreach_sub_(counted, 1.0)
+        """A no-op, kept for callers written when `step()` left a `found_inf`-skipped step counted: it now
+        takes the count back itself."""
 
 
 # --------------------------------------------------------------------------------------------
