@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from . import loss
 from .config import KERNEL_CHOICES
 
+# What the kernels take (kernels._launch.DTYPES, spelled out here so that dispatch never imports triton).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 _kernels_module = None
 _kernels_error: Exception | None = None
 
@@ -66,6 +69,12 @@ def use_triton(mode: str, *tensors: torch.Tensor) -> bool:
         return False
     if mode not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {mode!r}")
+    bad = next((t.dtype for t in tensors if t.is_floating_point() and t.dtype not in KERNEL_DTYPES), None)
+    if bad is not None:  # the kernels' one dtype rule (kernels._launch.DTYPES): float64 & co. take torch's op
+        if mode == "triton":
+            raise ValueError(f"kernels='triton' was requested for {bad} tensors; the Triton kernels take float32, "
+                             f"bfloat16 or float16. Use kernels='auto' or 'torch'.")
+        return False
     if _triton_can_run(tuple(sorted({str(t.device) for t in tensors}))):
         return True
     if mode == "triton":

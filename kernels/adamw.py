@@ -47,7 +47,9 @@ step, as torch's fused AdamW takes them back on the device: after every step, wi
 fused kernel, the unscaled values are not written back into `p.grad`.
 
 Limits: params, m, v fp32 and contiguous; grads fp32, bf16 or fp16 (made contiguous if needed;
-sparse grads are rejected). Unsupported torch options (amsgrad, maximize, foreach, capturable,
+sparse grads are rejected). Dtypes follow the one rule of every kernel (kernels._launch.DTYPES: fp32,
+bf16 or fp16 storage, fp32 math, anything else -- float64 included -- refused by name with DtypeError,
+a TypeError and a ValueError), narrowed to fp32 for what the optimizer owns (params and moments). Unsupported torch options (amsgrad, maximize, foreach, capturable,
 differentiable, fused) raise ValueError. The Triton interpreter dereferences int64 addresses of
 CPU tensors, so the same pointer-table kernel runs in the interpreter (tests) and on CUDA.
 
@@ -64,14 +66,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Build, can_launch, count_launch, interpreting, on_tensor_device, register_builds, why_not
+from ._launch import (Build, DtypeError, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device,
+                      register_builds, why_not)
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps (4 x 128-bit fp32 loads per tensor)
 # The interpreter pays ~10 ms per program whatever its size and runs each block as numpy arrays:
 # larger blocks there cut a tiny model's step from seconds of per-program overhead to a few programs.
 INTERPRET_BLOCK = 1 << 16
 NUM_WARPS = 4
-_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,14 +330,13 @@ def _check_one(p: torch.Tensor, g: torch.Tensor, where: str, m=None, v=None) -> 
         if t is None:
             continue
         if t.dtype != torch.float32:
-            raise ValueError(f"FusedAdamW needs fp32 {name}s, {where} is {t.dtype}")
+            raise DtypeError(f"FusedAdamW needs fp32 {name}s, {where} is {t.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"FusedAdamW needs contiguous {name}s, {where} has strides {t.stride()}")
         if t.shape != p.shape:
             raise ValueError(f"FusedAdamW: {name} of shape {tuple(t.shape)} for a param of shape "
                              f"{tuple(p.shape)} ({where})")
-    if g.dtype not in _GRAD_DTYPES:
-        raise ValueError(f"FusedAdamW supports fp32/bf16/fp16 grads, {where} has a {g.dtype} grad")
+    check_dtypes(f"FusedAdamW ({where})", grad=g)
     if g.shape != p.shape:
         raise ValueError(f"FusedAdamW: grad of shape {tuple(g.shape)} for a param of shape {tuple(p.shape)} "
                          f"({where})")

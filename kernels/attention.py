@@ -29,7 +29,9 @@ no atomics, so no accumulation survives between autotune trials and no reset hoo
 Saved for backward: q, k, v (the caller's views, not copies), O and LSE: O(B*H*T*D) memory, of
 which only LSE (B*H*T fp32) is new.
 
-Limits: head dim D in {16, 32, 64, 128}; q, k, v of one shape, dtype and device; stride(-1) == 1
+Limits: head dim D in {16, 32, 64, 128}; q, k, v of one shape, dtype and device; dtypes (the one rule
+of every kernel, kernels._launch.DTYPES) fp32, bf16 or fp16, accumulation in fp32, any other dtype
+(float64 included) raising DtypeError (a TypeError and a ValueError) naming it; stride(-1) == 1
 required (q, k, v split from the fused c_attn output qualify: the other strides are passed to the
 kernels as they are, no copy). A dO with a non-unit last stride (e.g. the expanded gradient of
 `o.sum()`) is copied with `.contiguous()`; the model's gradients arrive with unit stride. O is allocated as (B, T, H, D) memory and
@@ -68,9 +70,11 @@ import triton.language as tl
 from ._jit import store_cast
 from ._launch import (
     Build,
+    DtypeError,
     _cuda_index,
     attention_route,
     can_launch,
+    check_dtypes,
     count_launch,
     device_plan,
     interpreting,
@@ -723,8 +727,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one (B, H, T, D) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q, k, v must share one dtype among fp16, bf16, fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_dtypes("attention", q=q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise DtypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head dim {q.shape[-1]} is not supported; supported: {HEAD_DIMS}")
     for name, t in (("q", q), ("k", k), ("v", v)):
