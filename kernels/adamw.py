@@ -39,10 +39,12 @@ alignment hints.
 Skipping an update on the device: `found_inf` (a 0-d fp32 device tensor, torch's AMP protocol, so
 `torch.amp.GradScaler` and the trainer use it as they use torch's fused AdamW) is read by every program;
 where it is nonzero each tensor counts as empty: every load and store is masked off and p, m and v stay
-untouched. The step counts live on the host, so `step()` reads the flag once the kernel is queued (the
-GPU is not kept waiting: it runs the update while the host reads) and takes back the counts of a skipped
-step, as torch's fused AdamW takes them back on the device: after every step, with or without
-`GradScaler.unscale_`, params, moments and `state['step']` equal torch's. `grad_scale` (set by
+untouched. The step counts live on the host and a skipped step's counts are taken back, as torch's fused
+AdamW takes them back on the device, so with or without `GradScaler.unscale_` params, moments and
+`state['step']` equal torch's. A flag in host memory is read at once. A device flag is never waited for:
+it is copied to pinned memory behind the update, and the counts settle at the next `step()`,
+`state_dict()` or `undo_step_count()` (which the trainer calls after its one read per step); until then a
+skipped step's `state['step']` reads one high on a GPU. `grad_scale` (set by
 `GradScaler.step` when the grads are still scaled) divides the grads before the update; unlike torch's
 fused kernel, the unscaled values are not written back into `p.grad`.
 
@@ -469,6 +471,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 _check_one(_local(p), _local(p.grad), f"param {pi} of group {gi}",
                            None if m is None else _local(m), None if v is None else _local(v))
                 todo.append((p, hyper))
+        self._settle()  # the previous step's count, before this step reads it
         if not todo:
             return loss
         params, grads, ms, vs, step_ts, hypers = [], [], [], [], [], []
@@ -494,14 +497,42 @@ class FusedAdamW(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps, found_inf)
         # The kernel skipped everything where found_inf is set: so does the count (torch's fused AdamW
-        # subtracts found_inf from its device-side counts). Read after the launch, so the GPU has work.
-        if found_inf is not None and bool(found_inf != 0):
-            torch._foreach_sub_(step_ts, 1.0)
+        # subtracts found_inf from its device-side counts). A host flag is read now (host memory, no device
+        # to wait for); a device flag is copied into pinned memory behind the update and settled later
+        # (_settle), so the step never waits for the device.
+        if found_inf is not None:
+            if found_inf.device.type == "cpu":
+                if found_inf.detach().numpy() != 0:
+                    torch._foreach_sub_(step_ts, 1.0)
+            else:
+                flag = torch.empty((), dtype=torch.float32, pin_memory=True)
+                flag.copy_(found_inf.detach().float(), non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(found_inf.device))
+                self._pending = (flag, done, step_ts)
         return loss
 
+    def _settle(self) -> None:
+        """Take back the counts of the last step if its device flag said skip. The flag's copy finished long
+        ago when this runs (the next step, after the caller's own read of the step's results)."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None:
+            flag, done, step_ts = pending
+            done.synchronize()
+            if flag.numpy() != 0:  # pinned host memory, already written
+                torch._foreach_sub_(step_ts, 1.0)
+
+    def state_dict(self) -> dict:
+        self._settle()
+        return super().state_dict()
+
     def undo_step_count(self) -> None:
-        """A no-op, kept for callers written when `step()` left a `found_inf`-skipped step counted: it now
-        takes the count back itself."""
+        """For a caller that has learnt the last step was skipped (train.py, after its one host read of the
+        step): settles the step's count without reading the flag. Optional: `step()`, `state_dict()` and the
+        next `step()` take the count of a `found_inf`-skipped step back on their own."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None:
+            torch._foreach_sub_(pending[2], 1.0)
 
 
 # --------------------------------------------------------------------------------------------
