@@ -89,7 +89,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # refuses a second backward through it (retain_graph) instead of reusing scaled values.
         # The product is formed in fp32: GradScaler's grad_loss (65536 at first) is not representable in fp16.
         dx, dw = ctx.saved_tensors
-        return _scaled(dx, grad_loss), _scaled(dw, grad_loss), None, None, None, None, None, None
+        dw = _scaled(dw, grad_loss)
+        if dw is not None:
+            hand_off(dw)
+        return _scaled(dx, grad_loss), dw, None, None, None, None, None, None
+
+
+_SOLE = "_fastgpt_handed_off_at_version"
+
+
+def hand_off(grad: torch.Tensor) -> None:
+    """Mark a gradient this module made and gives to autograd, referenced nowhere else, so the next node
+    (ops.tied_embedding) may add into it in place. The mark holds while its version does not change."""
+    setattr(grad, _SOLE, grad._version)
+
+
+def handed_off(grad: torch.Tensor) -> bool:
+    """Whether `grad` is one `hand_off` marked and nothing has written into it since."""
+    return getattr(grad, _SOLE, None) == grad._version
 
 
 def _scaled(g: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:

@@ -47,7 +47,9 @@ Backward, two launches, deterministic:
 dweight/dbias come out in fp32 and are cast to the parameter dtype (a no-op for fp32 parameters).
 
 Limits: N <= 8192; stride(-1) == 1 (otherwise one copy); CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1. Row offsets are int64, so M * row_stride may exceed 2**31.
+TRITON_INTERPRET=1. Row offsets are int64, so M * row_stride may exceed 2**31. Dtypes (the one rule of
+every kernel, kernels._launch.DTYPES): x, weight, bias and the output in fp32, bf16 or fp16, math in
+fp32; any other dtype (float64 included) raises DtypeError (a TypeError and a ValueError) naming it.
 """
 from __future__ import annotations
 
@@ -60,10 +62,13 @@ import triton.language as tl
 
 from ._jit import store_cast
 from ._launch import (
+    DTYPES,
     TORCH_TO_TRITON,
     Build,
+    DtypeError,
     _cuda_index,
     can_launch,
+    check_dtypes,
     count_launch,
     on_tensor_device,
     next_pow2,
@@ -313,9 +318,10 @@ def _fwd_launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     n = x.shape[-1]
     if (weight is not None and weight.shape != (n,)) or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"layer_norm weight/bias must have shape ({n},)")
+    check_dtypes("layer_norm", x=x, weight=weight, bias=bias)
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"layer_norm writes fp32, bf16 or fp16, not {out_dtype}")
+    if out_dtype not in DTYPES:
+        raise DtypeError(f"layer_norm writes float32, bfloat16 or float16, not {out_dtype}")
     _check_launch(x, *_present(weight, bias))
     x2 = _rows_view(x, n)
     m = x2.shape[0]
