@@ -15,7 +15,7 @@ limits add up to less than the default budget, so only the optional last part ca
     kernels      C=768, B*T=16384: attention vs SDPA, LayerNorm/GELU vs torch, fused linear CE vs
                  F.cross_entropy over full logits, FusedAdamW vs torch fused AdamW (time, 3-step parity)
     tests        the rest of `pytest -m gpu` with FASTGPT_ATTENTION_CONFIGS=fixed
-    extra        (only if time is left) compiled training steps, the memory model vs measured peak
+    extra        (only if time is left) the memory model vs measured peak, compiled training steps
 
 What it writes (few files: the device tool brings back at most eight): OUT/summary.json and
 OUT/summary.md, rewritten after every part (every figure with unit, shape, dtype; every failure by
@@ -72,7 +72,7 @@ PARTS = [
                                                           "FASTGPT_BENCH_WIDTHS": "768",
                                                           "FASTGPT_BENCH_REP_MS": "100"}),
     Part("tests", 120, "the rest of `pytest -m gpu`, fixed tiles", env={"FASTGPT_ATTENTION_CONFIGS": "fixed"}),
-    Part("extra", 90, "compiled training steps; memory model vs measured peak", optional=True,
+    Part("extra", 90, "memory model vs measured peak; compiled training steps", optional=True,
          env={"FASTGPT_BENCH_COMPILE": "1"}),
 ]
 
@@ -200,7 +200,7 @@ def _fmt(v) -> str:
 
 
 def summary_md(s: dict) -> str:
-    lines = [f"# fastgpt quick GPU check", "",
+    lines = ["# fastgpt quick GPU check", "",
              f"Started {s.get('started_utc')}, budget {s.get('budget_s')} s, total {s.get('total_s', '?')} s.", ""]
     env = next((r.get("results", {}) for r in s["parts"] if r["part"] == "env"), {})
     if env:
@@ -441,8 +441,8 @@ def part_tests(res: PartResult) -> None:
 
 
 def part_extra(res: PartResult) -> None:
+    _pytest(res, [MEMORY_TEST])  # first: quicker than the two inductor compiles of a whole model
     _pytest(res, [f"bench/test_model_bench.py::test_train_step[{s}]" for s in COMPILED_SYSTEMS], _bench_figures(res))
-    _pytest(res, [MEMORY_TEST])
 
 
 PART_FUNCS = {"env": part_env, "correctness": part_correctness, "step": part_step, "kernels": part_kernels,
@@ -510,7 +510,7 @@ def main(argv=None) -> int:
         print("bench.gpu_check: no GPU: torch.cuda.is_available() is False, nothing was run (exit 2). "
               "`python -m bench.gpu_check --dry-run` prints the plan.", file=sys.stderr)
         return 2
-    out = args.out or default_out()
+    out = (args.out or default_out()).resolve()  # parts run with the repository root as cwd
     out.mkdir(parents=True, exist_ok=True)
     print(plan_text(parts, args.budget), flush=True)
     print(f"writing to {out}", flush=True)
