@@ -134,3 +134,17 @@ def test_repository_runs_without_an_install(tmp_path):
     assert train.returncode == 0 and "--max_steps" in train.stdout, train.stderr
     report = _bare_python(repo, "-m", "bench.compile_report", "--help")
     assert report.returncode == 0 and "--arch" in report.stdout, report.stderr
+
+
+def test_pyproject_floors_are_what_the_compat_step_tests():
+    import re
+
+    deps = (ROOT / "pyproject.toml").read_text()
+    compat = (ROOT / ".ci" / "compat").read_text()
+    for name in ("torch", "triton"):
+        floor = re.search(rf'"{name}>=([\d.]+)', deps).group(1)
+        pinned = re.search(rf"{name}==([\d.]+)", compat).group(1)
+        as_tuple = lambda v: tuple(map(int, v.split("."))) + (0,) * (3 - v.count(".") - 1)  # noqa: E731
+        assert as_tuple(pinned) == as_tuple(floor), (name, floor, pinned)
+    assert "bash .ci/compat" in (ROOT / ".ci" / "run").read_text()
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("python -m pytest")
