@@ -266,6 +266,10 @@ class Build:
     attrs: dict = field(default_factory=dict)  # e.g. divisibility hints; may stay empty
     archs: tuple[str, ...] = ()  # names in ARCHS this build is launched on; empty: every arch
     group: str = ""  # builds of one kernel with one group are alternatives (autotune configs); "" = config
+    # arch -> this build's position among its group's alternatives on that arch (attention: the tile's
+    # index in the arch's table, 0 = the tile FASTGPT_ATTENTION_CONFIGS=fixed launches); --first-fit
+    # tries a group's builds in this order, registration order where it is missing.
+    rank: dict[str, int] = field(default_factory=dict)
 
     @property
     def group_key(self) -> str:

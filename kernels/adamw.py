@@ -564,7 +564,7 @@ def _builds() -> list[Build]:
     # aligned bases with ALIGNED=True)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
     out = []
-    for gdt in ("fp32", "bf16"):
+    for gdt in ("fp32", "bf16", "fp16"):  # _GRAD_DTYPES
         for aligned in (True, False):
             s = dict(sig, grad_base_ptr=f"*{gdt}")
             out.append(Build(kernel="adamw", fn=_adamw_kernel, signature=s,

@@ -852,12 +852,12 @@ def _signature(fn, dtype: str) -> dict[str, str]:
     return sig
 
 
-def _divisibility(fn) -> dict:
+def _divisibility(fn, t_aligned: bool = True) -> dict:
     # What the launcher's specialization sees at GPT-2 shapes: 16-byte aligned pointers, strides,
-    # T and T_BUCKET multiples of 16 (H = 12 is not).
+    # T and T_BUCKET multiples of 16 (H = 12 is not). t_aligned=False: T % 16 != 0 (T_BUCKET still is).
     pointers = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if name in pointers or name.startswith("stride_") or name in ("T", "T_BUCKET")}
+            if name in pointers or name.startswith("stride_") or name == "T_BUCKET" or (name == "T" and t_aligned)}
 
 
 def _table_archs() -> dict[str, str]:
@@ -865,32 +865,50 @@ def _table_archs() -> dict[str, str]:
     return {table: table_arch(table).name for table in TABLES}
 
 
-def _kernel_builds(kernel: str, head_dims=(64, 128)) -> list[Build]:
-    """One build per distinct (tile, dtype, head dim), for every arch whose table holds that tile."""
+# Launch shapes beyond GPT-2's causal T=1024, each its own report group at bf16 D=64 (label, causal, T):
+# non-causal; T=1 (one-token decoding: the JIT specializes an int argument equal to 1, and T_BUCKET =
+# next_pow2(1) = 1, into constants); T=1000 (T % 16 != 0: no divisibility hint on T).
+_VARIANTS = (("", True, 1024), (" non-causal", False, 1024), (" T=1", True, 1), (" T=1000", True, 1000))
+
+
+def _kernel_builds(kernel: str, head_dims=HEAD_DIMS) -> list[Build]:
+    """One build per distinct (tile, dtype, head dim, shape variant), for every arch whose table holds that tile.
+
+    Every head dim the launcher accepts (HEAD_DIMS) at every dtype; the _VARIANTS shapes at bf16 D=64.
+    """
     fn, report = _RAW[kernel], "attention_" + ("fwd" if kernel == "fwd" else "bwd_" + kernel)
-    seen: dict[tuple, list[str]] = {}
+    named = {name: dt for dt, name in _DTYPE_NAMES.items()}
+    seen: dict[tuple, dict[str, int]] = {}
     for table, arch in _table_archs().items():
         for dtype, tables in (("fp16", TABLES), ("bf16", TABLES), ("fp32", FP32_TABLES)):
-            for t in tables[table][kernel]:
-                for d in head_dims:
-                    if d <= t.max_head_dim:
-                        seen.setdefault((t.key, dtype, d), []).append(arch)
+            for d in head_dims:
+                for variant in _VARIANTS if (dtype, d) == ("bf16", 64) else _VARIANTS[:1]:
+                    for rank, t in enumerate(tiles_for(kernel, table, named[dtype], d)):
+                        seen.setdefault((t.key, dtype, d, variant), {})[arch] = rank
     out = []
-    # The backward's tiny-T variant (split_ds: T <= SPLIT_DS_MAX_T, fp16/bf16) is its own group.
+    # The backward's tiny-T variant (split_ds: T <= SPLIT_DS_MAX_T, fp16/bf16) is its own group, built
+    # beside the default causal T=1024 variant of every tile, dtype and head dim.
     splits = (False, True) if kernel != "fwd" else (None,)
-    for ((bm, bn, warps, stages), dtype, d), archs in seen.items():
+    for ((bm, bn, warps, stages), dtype, d, (label, causal, T)), ranks in seen.items():
         for split in splits:
-            if split and dtype == "fp32":
+            if split and (dtype == "fp32" or label):
                 continue
-            extra = {} if split is None else {"SPLIT_DS": split}
-            t_note, g_note = (f"T<={SPLIT_DS_MAX_T}", " split-dS") if split else ("T=1024", "")
+            signature, constexprs = _signature(fn, dtype), {}
+            if T == 1:
+                signature.update(T="constexpr", T_BUCKET="constexpr")
+                constexprs.update(T=1, T_BUCKET=1)
+            constexprs.update(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, UPCAST_DOT=False,
+                              DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+            if split is not None:
+                constexprs["SPLIT_DS"] = split
+            t_note, g_note = (f"<={SPLIT_DS_MAX_T}", " split-dS") if split else (f"={T}", "")
             out.append(Build(
-                kernel=report, fn=fn, signature=_signature(fn, dtype),
-                constexprs=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, UPCAST_DOT=False,
-                                DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **extra),
+                kernel=report, fn=fn, signature=signature, constexprs=constexprs,
                 num_warps=warps, num_stages=stages,
-                config=f"{dtype} {t_note} D={d} BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages}",
-                attrs=_divisibility(fn), archs=tuple(archs), group=f"{dtype} D={d}{g_note}"))
+                config=f"{dtype} T{t_note} D={d}{' non-causal' if not causal else ''} BLOCK_M={bm} BLOCK_N={bn} "
+                       f"w{warps} s{stages}",
+                attrs=_divisibility(fn, T % 16 == 0 and T > 1), archs=tuple(ranks),
+                group=f"{dtype} D={d}{label}{g_note}", rank=ranks))
     return out
 
 
@@ -899,7 +917,7 @@ def _builds() -> list[Build]:
     builds = [b for kernel in KERNELS for b in _kernel_builds(kernel)]
     fn = _attn_bwd_preprocess
     for dtype in ("fp16", "bf16", "fp32"):
-        for d in (64, 128):
+        for d in HEAD_DIMS:
             builds.append(Build(
                 kernel="attention_bwd_preprocess", fn=fn, signature=_signature(fn, dtype),
                 constexprs=dict(HEAD_DIM=d, BLOCK_M=PRE_BLOCK_M), num_warps=4, num_stages=1,
