@@ -279,3 +279,17 @@ SH = []
 @pytest.fixture(autouse=True)
 def _shakespeare_path(shakespeare):
     SH[:] = [shakespeare]
+
+
+def test_unwritable_log_dir_is_refused_before_data_and_model(tmp_path, capsys):
+    """The --log_dir check comes with the other flag checks, before data is read or a model built: here the data
+    directory does not exist either, and the error names the log directory (before: the missing data)."""
+    f = tmp_path / "notadir"
+    f.write_text("x")
+    for log_dir in (f, f / "sub"):
+        with pytest.raises(SystemExit):
+            main(["--data_root", str(tmp_path / "no_data"), "--log_dir", str(log_dir), "--max_steps", "1"])
+        out, err = capsys.readouterr()
+        assert err.strip() == (f"error: --log_dir {log_dir} is not a writable directory (Not a directory: {f}); "
+                               f"pass a --log_dir you can write to"), err
+        assert "model:" not in out and "shards" not in out
