@@ -14,7 +14,15 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 from ..config import DTYPE_CHOICES, KERNEL_CHOICES, PRESETS
 
-SHARD_CHOICES = ("ddp", "zero1", "fsdp")  # one fastgpt/parallel/<mode>.py each (parallel.STRATEGIES)
+
+
+def shard_choices() -> tuple[str, ...]:
+    """The --shard modes: one fastgpt/parallel/<mode>.py each, registered in parallel.STRATEGIES."""
+    from ..parallel import STRATEGIES
+
+    return tuple(STRATEGIES)
+
+
 SPIKE_WINDOW = 20  # the spike guard compares a loss with the mean of this many recent accepted losses,
 SPIKE_MIN_HISTORY = 10  # once it has seen at least this many
 MAX_NONFINITE = 3  # consecutive skipped updates (non-finite loss or norm, or loss spikes) before giving up
@@ -106,7 +114,7 @@ class TrainConfig:
     hellaswag_limit: int = flag(0, "evaluate only the first N HellaSwag examples (0: all)", check=at_least_0)
     shard: str = flag("ddp", "with several ranks: ddp (full copy per rank), zero1 (AdamW state sharded) or fsdp "
                              "(weights, gradients and AdamW state sharded, FSDP2); checkpoints are the same whichever "
-                             "you use", choices=SHARD_CHOICES)
+                             "you use", choices=shard_choices)
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward (less memory, "
                                                  "~1/3 more compute, same losses)")
 
