@@ -129,8 +129,7 @@ class Trainer:
         cfg = self.cfg
         self.resume()
         if self.start_step >= cfg.max_steps:
-            self.log(f"{self.ckpt.resumed_from} is already at step {self.start_step} >= --max_steps {cfg.max_steps}: "
-                     f"nothing to do (to train further, raise --max_steps and add --allow_changed max_steps)")
+            self.log(self.ckpt.nothing_to_do(self.start_step))
             return 0
         self.wrap_model()
         if self.cuda or setup.uses_triton(self.plan, self.device):

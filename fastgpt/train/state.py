@@ -100,6 +100,7 @@ class Checkpointer:
         self.fingerprint: dict | None = None  # computed once, on first use (it hashes the shards)
         self.resumed_from: Path | None = None
         self.last_healthy: Path | None = None  # the newest checkpoint this run wrote (or resumed from)
+        self.finished_changes: dict[str, str] = {}  # settings that differ from a finished checkpoint's run
 
     def data_fingerprint(self) -> dict:
         if self.fingerprint is None:
@@ -148,6 +149,8 @@ class Checkpointer:
         step = int(state["step"])
         if step < self.cfg.max_steps:
             self.check_same_run(path, state)
+        else:  # nothing will train: the differences are only reported (nothing_to_do)
+            self.finished_changes = self.changes(state)
         if self.cfg.resume_from and self.plan.master:
             # Newer checkpoints in log_dir (a diverged continuation, say) would be picked over the files
             # this run writes next: keep them, out of the way.
@@ -168,11 +171,26 @@ class Checkpointer:
                                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         return state
 
+    def changes(self, state: dict) -> dict[str, str]:
+        """{flag or 'data': description} of what differs between the checkpoint's run and this one."""
+        return fingerprint.resume_changes(state.get("train_config"), state.get("data_fingerprint"), self.cfg,
+                                          self.data_fingerprint())
+
+    def nothing_to_do(self, step: int) -> str:
+        """The line for a checkpoint already at --max_steps, naming the settings that differ from its run (a run
+        that trained with them would be refused), so a changed flag is not silently ignored."""
+        msg = (f"{self.resumed_from} is already at step {step} >= --max_steps {self.cfg.max_steps}: nothing to do "
+               f"(to train further, raise --max_steps and add --allow_changed max_steps)")
+        differ = {k: v for k, v in self.finished_changes.items() if k != "max_steps"}
+        if differ:
+            msg += (f". Note: this command's settings differ from that run's: {'; '.join(differ.values())}; training "
+                    f"from it with them would be refused unless --allow_changed {','.join(differ)} is given")
+        return msg
+
     def check_same_run(self, path: Path, state: dict) -> None:
         """Refuse to resume with flags or data that differ from the checkpoint's run, unless allowed."""
         cfg, step = self.cfg, int(state["step"])
-        changes = fingerprint.resume_changes(state.get("train_config"), state.get("data_fingerprint"), cfg,
-                                             self.data_fingerprint())
+        changes = self.changes(state)
         lr_note = ""
         if "max_steps" in changes:
             old = replace(cfg, max_steps=state["train_config"]["max_steps"])
