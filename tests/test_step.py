@@ -391,12 +391,12 @@ def test_weight_blowup_writes_no_checkpoint_and_names_the_healthy_one(chars, tmp
     advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed max_lr)",
                        str(e.value)).group(1)
     flags, given = parse_args(shlex.split(advice))
-    val4 = torch.load(healthy)["val_loss"]  # read now: the resumed run's retention removes the file
     cfg = micro_cfg(chars, tmp_path, max_steps=20, eval_interval=2, checkpoint_interval=2, keep_checkpoints=1)
     assert run(replace(cfg, **{k: getattr(flags, k) for k in given})) == 0
     resumed = capsys.readouterr().out
     assert f"resuming from {healthy} (step 4" in resumed
     # the val loss it shows is labelled with the step it was measured at (step 4's eval, before the save)
+    val4 = torch.load(healthy)["val_loss"]
     assert f"resuming from {healthy} (step 4, val loss {val4:.4f} at step 4)" in resumed
 
 
@@ -553,15 +553,3 @@ def test_kernel_warm_up_runs_every_kernel_of_a_step_and_changes_nothing(chars, t
         return [trainer.train_step(s).loss for s in range(2)]
 
     assert losses(warm=True) == losses(warm=False)
-
-
-def test_checkpoint_is_judged_by_the_weights_it_holds(chars, tmp_path, micro, capsys):
-    """--max_lr 1e6 with no evaluation due at the checkpoint: the update of step 0 wrecks the weights while they
-    stay finite, and the loss of step 0 (before that update) looks fine. The checkpoint is judged by a val loss
-    of the weights it would hold, measured at save time, so no wrecked file is written or named as healthy."""
-    with pytest.raises(TrainError) as e:
-        run(micro_cfg(chars, tmp_path, max_lr=1e6, max_steps=20, eval_interval=1000, checkpoint_interval=1,
-                      keep_checkpoints=1))
-    assert not list(tmp_path.glob("model_*.pt"))
-    assert "not writing a checkpoint at step 1: the val loss" in capsys.readouterr().out
-    assert "no healthy checkpoint was written yet" in str(e.value)

@@ -26,7 +26,7 @@ from .state import RNG, AttentionConfigs, Checkpointer, Scaler
 
 
 class EvalInterrupted(Exception):
-    """A stop request came during evaluation: abandoned, so the checkpoint comes sooner."""
+    """A stop request arrived during evaluation: abandoned, so the checkpoint comes sooner."""
 
 
 class Trainer:
@@ -56,6 +56,7 @@ class Trainer:
         self.log_dir = Path(plan.cfg.log_dir)
         self.start_step = self.step = 0
         self.val: tuple[float | None, int | None] = (None, None)  # the last val loss and its step
+        self.last_loss: float | None = None
         self.optimizer_state: dict | None = None  # a resumed optimizer state, until wrap_model loads it
         self.stop: StopRequest | None = None  # while run() loops
         self.stop_all = False  # under DDP: the stop flag all ranks agreed on at the last step
@@ -74,10 +75,7 @@ class Trainer:
         return guards.unhealthy(self.guard, self.val[0], self.plan.gcfg.vocab_size, self.raw,
                                 self.strategy.inner(self.optimizer), self.device, self.ddp)
 
-    def save(self, step: int, judge: bool = True) -> Path | None:
-        # Judged by the weights it holds: their val loss, measured now unless it was at this step (not when stopping)
-        if judge and self.val[1] != step:
-            self.val = self.evaluate(), step
+    def save(self, step: int) -> Path | None:
         return self.ckpt.save(step, self.optimizer, self.val, self.unhealthy())
 
     # --------------------------------------------------------------------------------------------
@@ -137,7 +135,8 @@ class Trainer:
                                   self.skipped_update, self.log)
         self.report.start(self.start_step, self.device)
         setup.log_summary(self.plan, self.train_loader, self.log_dir, self.log)
-        # (every N steps and at the last, hook, skipped by a stopping run: collective extras after the stop check)
+        # What runs after a step, and when: (every N steps, hook, skipped by a stopping run); each also runs at
+        # the last step. The stop check comes before the first skippable one: those are collective extras.
         hooks = [(cfg.eval_interval, self.log_eval, False),
                  (cfg.hellaswag_interval if self.plan.hellaswag_examples else 0, self.report.hellaswag, True),
                  (self.plan.sample_every, self.report.sample, True)]  # the run's last word: a sample of what it learned
@@ -156,7 +155,7 @@ class Trainer:
                     if every and (done % every == 0 or done == cfg.max_steps) and not (extra and stopping):
                         hook(done)
                 if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or stopping:
-                    p = self.save(done, judge=not stopping)
+                    p = self.save(done)
                     self.report.sync()
                     if stopping:
                         saved = f"checkpoint saved to {p}" if p else "no checkpoint written (see above)"
@@ -223,8 +222,9 @@ class Trainer:
         return StepResult(step, loss_v, norm_v, lr, dt, skip, note)
 
     def apply_update(self, skip: torch.Tensor) -> None:
-        """optimizer.step(), a no-op where the device flag `skip` holds: it goes in as `found_inf` (the AMP protocol
-        of torch's fused AdamW and kernels.FusedAdamW), read by the update kernels, so the host never waits."""
+        """optimizer.step(), a no-op where the device flag `skip` holds. The flag goes in as `found_inf`, the
+        AMP protocol of torch's fused AdamW and of kernels.FusedAdamW: the update kernels read it on the
+        device, so the host never waits for it."""
         inner = self.strategy.inner(self.optimizer)
         if getattr(inner, "_step_supports_amp_scaling", False):  # torch's flag on optimizer classes
             inner.found_inf, inner.grad_scale = skip.float(), None
@@ -240,7 +240,7 @@ class Trainer:
         if hasattr(inner, "undo_step_count"):
             inner.undo_step_count()
 
-    def advice(self, lower_lr: str) -> str:  # how to go on after a divergence
+    def advice(self, lower_lr: str) -> str:
         return guards.resume_advice(self.ckpt.last_healthy, self.log_dir, lower_lr)
 
     def skipped_update(self, skip: torch.Tensor) -> None:  # the warm-up's: the kernels run, nothing changes
