@@ -21,7 +21,9 @@ sm_90a up) and its cubin read back with cuobjdump:
 - vector_loads        SASS lines with a 128-bit global load: LDG.E.128 (and its cache-hint variants) and
                       LDGSTS....128 (16-byte cp.async, global -> shared)
 
-`--first-fit` compiles, per (kernel, arch, group), the builds in registration order only until one fits
+`--first-fit` compiles, per (kernel, arch, group), the builds in the arch's order (`Build.rank`: for
+attention, the arch table's order, so the tile FASTGPT_ATTENTION_CONFIGS=fixed launches comes first;
+else registration order) only until one fits
 (a group is e.g. "bf16 D=128" of an attention kernel, whose builds are autotune alternatives; each
 memory-bound build is its own group): the cheap check that every kernel training uses has a config that
 fits each arch. Without it every build is compiled.
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     groups: dict[tuple, list[tuple[int, str]]] = {}
     for i, arch in tasks:
         groups.setdefault((builds[i].kernel, arch, builds[i].group_key), []).append((i, arch))
+    for ts in groups.values():  # first the build the arch launches first (Build.rank); stable otherwise
+        ts.sort(key=lambda t: builds[t[0]].rank.get(t[1], 0))
     t0 = time.time()
     rows = _first_fit(groups, args.jobs) if args.first_fit else _compile_all(tasks, args.jobs)
     elapsed = time.time() - t0

@@ -220,8 +220,8 @@ def main(argv=None) -> int:
         print(f"== {m}: batch {B} x {T}, one thread, {args.reps} interleaved reps", flush=True)
         res = {"throughput": throughput(preset, B, T, args.reps, args.systems)}
         if not args.no_rss:
-            # glibc's growth moves run to run with what it trims (gpt2 4x128, fastgpt: 191-355 MiB over
-            # three runs): the median of --rss_runs. The live figure repeats to the MiB: one run.
+            # glibc's growth moves run to run with what it trims (docs/cpu.md gives the spread): the median
+            # of --rss_runs. The live figure repeats to the MiB: one run.
             res["rss"] = {n: _median_run([rss(preset, B, T, n) for _ in range(args.rss_runs)])
                           for n in args.systems}
             res["rss_live"] = {n: rss(preset, B, T, n, live=True) for n in args.systems}

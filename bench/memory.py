@@ -801,7 +801,7 @@ def run_fsdp(model_name: str, batch: int, seq: int, world: int, activation_check
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from fastgpt.distributed import fully_shard_gpt
+    from fastgpt.parallel import fully_shard_gpt
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:

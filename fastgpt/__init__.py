@@ -4,7 +4,8 @@
     model = GPT(GPTConfig.preset("gpt2"))
     logits, loss = model(idx, targets)
 """
-from .config import PRESETS, GPTConfig, TrainConfig
+from .config import PRESETS, GPTConfig
+from .train.options import TrainConfig
 from .model import GPT
 from .tokenizer import get_encoding
 

@@ -25,10 +25,27 @@ def _load_model(args, device: str):
     if args.checkpoint:
         from .checkpoint import load_model
 
+        _require_checkpoint(args.checkpoint)
+
         return load_model(args.checkpoint, device, kernels=args.kernels)
     from .model import GPT
 
     return GPT.from_pretrained(args.model, kernels=args.kernels).to(device).eval()
+
+
+def _require_checkpoint(path: str) -> None:
+    """A missing checkpoint named with what its directory does hold (newest first), so the fix is one paste."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists():
+        return
+    there = sorted(p.parent.glob("*.pt"), key=lambda f: f.name, reverse=True) if p.parent.is_dir() else []
+    if not there:
+        raise FileNotFoundError(f"no such checkpoint {path}: {p.parent}/ holds no .pt files")
+    names = ", ".join(str(f) for f in there[:5]) + (f" (and {len(there) - 5} more)" if len(there) > 5 else "")
+    raise FileNotFoundError(f"no such checkpoint {path}; the newest in {p.parent}/ is {there[0]} "
+                            f"(there: {names})")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

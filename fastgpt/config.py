@@ -6,7 +6,7 @@ Tiny Shakespeare within minutes on a laptop.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
@@ -62,48 +62,10 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
-@dataclass
-class TrainConfig:
-    """Every `train.py` flag. Defaults follow the training guide."""
+def __getattr__(name: str):
+    """`from fastgpt.config import TrainConfig` still works: the flags live in fastgpt/train/options.py."""
+    if name == "TrainConfig":
+        from .train.options import TrainConfig
 
-    data_root: str = "shakespeare_data"
-    total_batch_size: int = 32768  # tokens per optimizer step, across ranks and micro-steps
-    micro_batch_size: int = 16  # sequences per forward pass per rank
-    seq_len: int = 256
-    max_lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    model: str | None = None  # preset name; None: gpt2 on GPU, tiny on CPU
-    device: str = "auto"  # auto | cpu | cuda
-    log_dir: str = "log"
-    eval_interval: int = 50
-    eval_steps: int = 20
-    checkpoint_interval: int = 50
-    keep_checkpoints: int = 0  # keep only the newest N model_*.pt files; 0 keeps all
-    seed: int = 1337
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    compile: bool = False
-    kernels: str = "auto"
-    dtype: str = "auto"  # autocast dtype: auto = bf16 on GPUs that have it, else fp16 + loss scaling; fp32 on CPU
-    spike_guard: float = 3.0  # skip an update whose loss exceeds this x the recent mean loss; 0: off
-    resume_from: str | None = None  # a checkpoint file to resume from instead of the newest in log_dir
-    restart: bool = False  # move log_dir's checkpoints aside and start a new run there
-    allow_changed: str = ""  # comma-separated flags (or "data") that may differ from the checkpoint's run
-    dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks before the job ends
-    init_from: str | None = None  # HF GPT-2 weights (hub id or local dir) or a fastgpt checkpoint
-    sample_interval: int = -1  # steps between samples; -1: four per run; 0: off
-    sample_prompt: str = "ROMEO:"
-    sample_tokens: int = 48
-    hellaswag_interval: int = 0  # steps between HellaSwag evaluations; 0: off
-    hellaswag_data: str | None = None
-    hellaswag_limit: int = 0  # first N examples; 0: all
-    shard: str = "ddp"  # ddp | zero1 | fsdp: what each rank keeps (fastgpt/distributed.py)
-    activation_checkpointing: bool = False  # recompute each block in the backward instead of storing it
-    data_order: str = "sequential"  # sequential | shuffled: order of the train chunks (fastgpt/data/loader.py)
-    recipe: str | None = None  # a named flag set (fastgpt/data/recipes.py); flags given still win
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        return TrainConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

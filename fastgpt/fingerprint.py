@@ -3,7 +3,8 @@
 Exact resume needs the same data and the same settings of everything that shapes the trajectory. A
 checkpoint stores its `train_config` (every flag) and `data_fingerprint` (per split, each shard's name,
 size and a cheap content hash); `resume_changes` compares them with the current run and names each
-difference. The training flags compared are `RESUME_FLAGS`; flags that change only bookkeeping or
+difference. The training flags compared are the TrainConfig fields marked resume=True
+(fastgpt/train/options.py); flags that change only bookkeeping or
 speed (eval and checkpoint intervals, --micro_batch_size, --kernels, --compile, --log_dir, the number
 of ranks) may change freely. --micro_batch_size keeps the token order but sums the micro-steps in
 another order, so losses then agree to rounding, not bit for bit.
@@ -14,10 +15,6 @@ import hashlib
 import os
 from pathlib import Path
 
-# Flags whose change alters the run a checkpoint belongs to. `data` stands for the shards' content.
-RESUME_FLAGS = ("total_batch_size", "seq_len", "max_lr", "min_lr_ratio", "warmup_steps", "max_steps", "seed",
-                "weight_decay", "grad_clip")
-ALLOWABLE = RESUME_FLAGS + ("data",)
 _BLOCK = 1 << 16  # bytes hashed at each sampled offset
 _SAMPLES = 16  # evenly spaced blocks per shard, plus the first and the last
 
@@ -58,7 +55,7 @@ def resume_changes(saved_cfg: dict | None, saved_fp: dict | None, cfg, fp: dict)
     """{flag or 'data': description} for every difference between a checkpoint's run and this one."""
     changes = {}
     if saved_cfg:
-        for name in RESUME_FLAGS:
+        for name in type(cfg).resume_flags():
             if name in saved_cfg and saved_cfg[name] != getattr(cfg, name):
                 changes[name] = f"--{name} {saved_cfg[name]} (now {getattr(cfg, name)})"
     if saved_fp is not None:
@@ -75,9 +72,12 @@ def resume_changes(saved_cfg: dict | None, saved_fp: dict | None, cfg, fp: dict)
 
 
 def parse_allowed(value: str) -> set[str]:
-    """--allow_changed FLAG[,FLAG]: names from ALLOWABLE, with or without the leading dashes."""
+    """--allow_changed FLAG[,FLAG]: resume flags or 'data', with or without the leading dashes."""
+    from .train.options import TrainConfig
+
+    allowable = TrainConfig.resume_flags() + ("data",)  # `data` stands for the shards' content
     names = {v.strip().lstrip("-") for v in value.split(",") if v.strip()}
-    unknown = sorted(names - set(ALLOWABLE))
+    unknown = sorted(names - set(allowable))
     if unknown:
-        raise ValueError(f"--allow_changed {value}: unknown {', '.join(unknown)}; choose from {', '.join(ALLOWABLE)}")
+        raise ValueError(f"--allow_changed {value}: unknown {', '.join(unknown)}; choose from {', '.join(allowable)}")
     return names

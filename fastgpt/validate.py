@@ -11,13 +11,16 @@ import torch
 
 def compare(name_or_dir: str, prompt: str = "Hello world", max_new_tokens: int = 20, device="cpu",
             kernels: str = "auto") -> dict:
+    from .hf import _resolve
+
+    # Resolve (and fail on an unreachable hub) before the seconds-long transformers import.
+    path = _resolve(name_or_dir)
+
     from transformers import GPT2LMHeadModel
 
-    from .hf import _resolve
     from .model import GPT
     from .tokenizer import get_encoding
 
-    path = _resolve(name_or_dir)
     ours = GPT.from_pretrained(str(path), kernels=kernels).to(device).eval()
     theirs = GPT2LMHeadModel.from_pretrained(str(path)).to(device).eval()
     enc = get_encoding()

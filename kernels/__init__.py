@@ -11,12 +11,15 @@ autograd, PyTorch reference). Every public function is a `torch.library` custom 
     kernels.linear_cross_entropy(x, weight, targets)     == F.cross_entropy(x @ weight.T, targets)
     kernels.FusedAdamW(params, lr, betas, eps, weight_decay) == torch.optim.AdamW
 
+Dtypes, one rule for all: fp32, bf16 or fp16 storage (`kernels.DTYPES`), math in fp32; any other dtype (float64
+included) raises `kernels.DtypeError` (a TypeError and a ValueError) naming it.
+
 Per GPU: `kernels.arch_plan((major, minor))` / `kernels.device_plan(device)` give the attention config
 table, default training dtype, attention route (Triton or SDPA) and a one-line reason;
 `kernels.attention_configs()` / `kernels.install_attention_configs(entries)` read and pin the attention
 launch configs (FASTGPT_ATTENTION_CONFIGS=fixed pins them to each table's first candidate).
 """
-from ._launch import arch_plan, attention_route, can_launch, device_plan, interpreting, launches, why_not
+from ._launch import DTYPES, DtypeError, arch_plan, attention_route, can_launch, device_plan, interpreting, launches, why_not
 from .adamw import FusedAdamW
 from .attention import HEAD_DIMS as ATTENTION_HEAD_DIMS
 from .attention import (
@@ -46,6 +49,8 @@ __all__ = [
     "attention_route",
     "linear_cross_entropy",
     "FusedAdamW",
+    "DTYPES",
+    "DtypeError",
     "can_launch",
     "interpreting",
     "launches",

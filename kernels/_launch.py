@@ -108,6 +108,27 @@ def require_last_dim_contiguous(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must have stride 1 in its last dimension, got strides {tuple(x.stride())}")
 
 
+# The one dtype rule of every kernel: tensors are stored in fp32, bf16 or fp16 and the math runs in fp32
+# (fp32 accumulation, fp32 statistics). Any other dtype -- float64 included -- is refused by name: computing
+# float64 in fp32 would quietly drop the precision its caller asked for. fastgpt.ops routes such tensors to
+# the PyTorch reference under kernels="auto".
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class DtypeError(TypeError, ValueError):
+    """A tensor in a dtype the kernels do not take (a TypeError; also a ValueError, as the kernels' other
+    refusals of bad input are)."""
+
+
+def check_dtypes(kernel: str, allowed: tuple[torch.dtype, ...] = DTYPES, **tensors: torch.Tensor | None) -> None:
+    """Raise DtypeError naming `kernel`, the argument and its dtype for a tensor outside `allowed`."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in allowed:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+            raise DtypeError(f"{kernel}: {name} is {str(t.dtype).replace('torch.', '')}; the Triton kernels take "
+                             f"{names} (computed in fp32); use the PyTorch op for other dtypes")
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -245,6 +266,10 @@ class Build:
     attrs: dict = field(default_factory=dict)  # e.g. divisibility hints; may stay empty
     archs: tuple[str, ...] = ()  # names in ARCHS this build is launched on; empty: every arch
     group: str = ""  # builds of one kernel with one group are alternatives (autotune configs); "" = config
+    # arch -> this build's position among its group's alternatives on that arch (attention: the tile's
+    # index in the arch's table, 0 = the tile FASTGPT_ATTENTION_CONFIGS=fixed launches); --first-fit
+    # tries a group's builds in this order, registration order where it is missing.
+    rank: dict[str, int] = field(default_factory=dict)
 
     @property
     def group_key(self) -> str:

@@ -38,12 +38,20 @@ alignment hints.
 
 Skipping an update on the device: `found_inf` (a 0-d fp32 device tensor, torch's AMP protocol, so
 `torch.amp.GradScaler` and the trainer use it as they use torch's fused AdamW) is read by every program;
-where it is nonzero each tensor counts as empty: every load and store is masked off, p, m and v stay
-untouched and the host never waits for the flag. The step counts live on the host and cannot see it:
-they advance, and a caller that learns the step was skipped calls `undo_step_count()`.
+where it is nonzero each tensor counts as empty: every load and store is masked off and p, m and v stay
+untouched. The step counts live on the host and a skipped step's counts are taken back, as torch's fused
+AdamW takes them back on the device, so with or without `GradScaler.unscale_` params, moments and
+`state['step']` equal torch's. A flag in host memory is read at once. A device flag is never waited for:
+it is copied to pinned memory behind the update, and the counts settle at the next `step()`,
+`state_dict()` or `undo_step_count()` (which the trainer calls after its one read per step); until then a
+skipped step's `state['step']` reads one high on a GPU. `grad_scale` (set by
+`GradScaler.step` when the grads are still scaled) divides the grads before the update; unlike torch's
+fused kernel, the unscaled values are not written back into `p.grad`.
 
 Limits: params, m, v fp32 and contiguous; grads fp32, bf16 or fp16 (made contiguous if needed;
-sparse grads are rejected). Unsupported torch options (amsgrad, maximize, foreach, capturable,
+sparse grads are rejected). Dtypes follow the one rule of every kernel (kernels._launch.DTYPES: fp32,
+bf16 or fp16 storage, fp32 math, anything else -- float64 included -- refused by name with DtypeError,
+a TypeError and a ValueError), narrowed to fp32 for what the optimizer owns (params and moments). Unsupported torch options (amsgrad, maximize, foreach, capturable,
 differentiable, fused) raise ValueError. The Triton interpreter dereferences int64 addresses of
 CPU tensors, so the same pointer-table kernel runs in the interpreter (tests) and on CUDA.
 
@@ -60,14 +68,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Build, can_launch, count_launch, interpreting, on_tensor_device, register_builds, why_not
+from ._launch import (Build, DtypeError, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device,
+                      register_builds, why_not)
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps (4 x 128-bit fp32 loads per tensor)
 # The interpreter pays ~10 ms per program whatever its size and runs each block as numpy arrays:
 # larger blocks there cut a tiny model's step from seconds of per-program overhead to a few programs.
 INTERPRET_BLOCK = 1 << 16
 NUM_WARPS = 4
-_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,14 +332,13 @@ def _check_one(p: torch.Tensor, g: torch.Tensor, where: str, m=None, v=None) -> 
         if t is None:
             continue
         if t.dtype != torch.float32:
-            raise ValueError(f"FusedAdamW needs fp32 {name}s, {where} is {t.dtype}")
+            raise DtypeError(f"FusedAdamW needs fp32 {name}s, {where} is {t.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"FusedAdamW needs contiguous {name}s, {where} has strides {t.stride()}")
         if t.shape != p.shape:
             raise ValueError(f"FusedAdamW: {name} of shape {tuple(t.shape)} for a param of shape "
                              f"{tuple(p.shape)} ({where})")
-    if g.dtype not in _GRAD_DTYPES:
-        raise ValueError(f"FusedAdamW supports fp32/bf16/fp16 grads, {where} has a {g.dtype} grad")
+    check_dtypes(f"FusedAdamW ({where})", grad=g)
     if g.shape != p.shape:
         raise ValueError(f"FusedAdamW: grad of shape {tuple(g.shape)} for a param of shape {tuple(p.shape)} "
                          f"({where})")
@@ -464,6 +471,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 _check_one(_local(p), _local(p.grad), f"param {pi} of group {gi}",
                            None if m is None else _local(m), None if v is None else _local(v))
                 todo.append((p, hyper))
+        self._settle()  # the previous step's count, before this step reads it
         if not todo:
             return loss
         params, grads, ms, vs, step_ts, hypers = [], [], [], [], [], []
@@ -484,17 +492,47 @@ class FusedAdamW(torch.optim.Optimizer):
         if grad_scale is not None:  # GradScaler.step without unscale_: the grads are still scaled
             grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
         torch._foreach_add_(step_ts, 1.0)  # CPU tensors: no device work
-        self._counted = step_ts  # what undo_step_count takes back
         steps = [float(s) for s in step_ts]
         lrs, wds, b1s, b2s, epss = (list(col) for col in zip(*hypers))
-        adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps, getattr(self, "found_inf", None))
+        found_inf = getattr(self, "found_inf", None)
+        adamw_step(params, grads, ms, vs, lrs, wds, b1s, b2s, epss, steps, found_inf)
+        # The kernel skipped everything where found_inf is set: so does the count (torch's fused AdamW
+        # subtracts found_inf from its device-side counts). A host flag is read now (host memory, no device
+        # to wait for); a device flag is copied into pinned memory behind the update and settled later
+        # (_settle), so the step never waits for the device.
+        if found_inf is not None:
+            if found_inf.device.type == "cpu":
+                if found_inf.detach().numpy() != 0:
+                    torch._foreach_sub_(step_ts, 1.0)
+            else:
+                flag = torch.empty((), dtype=torch.float32, pin_memory=True)
+                flag.copy_(found_inf.detach().float(), non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(found_inf.device))
+                self._pending = (flag, done, step_ts)
         return loss
 
+    def _settle(self) -> None:
+        """Take back the counts of the last step if its device flag said skip. The flag's copy finished long
+        ago when this runs (the next step, after the caller's own read of the step's results)."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None:
+            flag, done, step_ts = pending
+            done.synchronize()
+            if flag.numpy() != 0:  # pinned host memory, already written
+                torch._foreach_sub_(step_ts, 1.0)
+
+    def state_dict(self) -> dict:
+        self._settle()
+        return super().state_dict()
+
     def undo_step_count(self) -> None:
-        """Take back the last step's count increments: for a step that `found_inf` skipped on the device."""
-        counted, self._counted = getattr(self, "_counted", []), []
-        if counted:
-            torch._foreach_sub_(counted, 1.0)
+        """For a caller that has learnt the last step was skipped (train.py, after its one host read of the
+        step): settles the step's count without reading the flag. Optional: `step()`, `state_dict()` and the
+        next `step()` take the count of a `found_inf`-skipped step back on their own."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None:
+            torch._foreach_sub_(pending[2], 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +564,7 @@ def _builds() -> list[Build]:
     # aligned bases with ALIGNED=True)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
     out = []
-    for gdt in ("fp32", "bf16"):
+    for gdt in ("fp32", "bf16", "fp16"):  # _GRAD_DTYPES
         for aligned in (True, False):
             s = dict(sig, grad_base_ptr=f"*{gdt}")
             out.append(Build(kernel="adamw", fn=_adamw_kernel, signature=s,

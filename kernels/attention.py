@@ -22,6 +22,15 @@ no atomics, so no accumulation survives between autotune trials and no reset hoo
     3. `_attn_bwd_dq`: one program per BLOCK_M queries; iterates over key tiles up to the diagonal:
        dQ += dS K; dQ *= scale.
     All accumulation in fp32; dQ, dK, dV are cast to the input dtype.
+    Tiny T (T <= SPLIT_DS_MAX_T = 16, fp16/bf16): a row of dQ or dK is then a sum of a handful of terms,
+    so an error in one dS value is shared by the whole D-wide row instead of averaging out over many
+    keys. Two such errors took dq / dk to 3.5x / 4.4x the error of the rounded fp32 result at
+    (B, H, T, D) = (2, 3, 2, 128) bf16: delta = rowsum(dO * O) read from the stored, rounded O (with
+    1-3 keys dP - delta is a small difference and that rounding dominates it), and dS rounded to the
+    input dtype for its dots. There `_attn_bwd_delta_small` replaces step 1 with delta = rowsum(P * dP)
+    from fp32 P and dP (== dO . O before rounding; one program per batch*head, all T rows and keys in
+    one tile), and the dot kernels carry dS as hi + lo, both in the input dtype, two dots each
+    (SPLIT_DS). Then dq / dk equal the rounded fp32 result (tests/test_attention.py, test_tiny_T_parity).
     Out-of-range query rows (T not a multiple of the tile) are loaded as zeros in q, dO, LSE and
     delta, which makes their P^T dO and dS^T Q contributions exactly zero, so the backward needs no
     bounds mask on the scores, only the causal mask on diagonal tiles.
@@ -29,7 +38,9 @@ no atomics, so no accumulation survives between autotune trials and no reset hoo
 Saved for backward: q, k, v (the caller's views, not copies), O and LSE: O(B*H*T*D) memory, of
 which only LSE (B*H*T fp32) is new.
 
-Limits: head dim D in {16, 32, 64, 128}; q, k, v of one shape, dtype and device; stride(-1) == 1
+Limits: head dim D in {16, 32, 64, 128}; q, k, v of one shape, dtype and device; dtypes (the one rule
+of every kernel, kernels._launch.DTYPES) fp32, bf16 or fp16, accumulation in fp32, any other dtype
+(float64 included) raising DtypeError (a TypeError and a ValueError) naming it; stride(-1) == 1
 required (q, k, v split from the fused c_attn output qualify: the other strides are passed to the
 kernels as they are, no copy). A dO with a non-unit last stride (e.g. the expanded gradient of
 `o.sum()`) is copied with `.contiguous()`; the model's gradients arrive with unit stride. O is allocated as (B, T, H, D) memory and
@@ -68,9 +79,11 @@ import triton.language as tl
 from ._jit import store_cast
 from ._launch import (
     Build,
+    DtypeError,
     _cuda_index,
     attention_route,
     can_launch,
+    check_dtypes,
     count_launch,
     device_plan,
     interpreting,
@@ -210,6 +223,46 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
+def _attn_bwd_delta_small(
+    Q, K, V, DO, LSE, DELTA,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    H, T, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # T <= BLOCK (tiny T, see the docstring): delta = rowsum(P * dP) from the fp32 P and dP, i.e. dO . O
+    # with O unrounded, instead of dO . O from the stored (rounded) O. One program per (batch, head).
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs < T
+    rows = offs.to(tl.int64)[:, None]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qt + offs_d[None, :], mask=ok[:, None], other=0.0)
+    k = tl.load(K + b * stride_kb + h * stride_kh + rows * stride_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + rows * stride_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :],
+                 mask=ok[:, None], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * T + offs, mask=ok, other=0.0) * 1.4426950408889634
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (sm_scale * 1.4426950408889634)
+    keep = ok[None, :]
+    if CAUSAL:
+        keep = keep & (offs[:, None] >= offs[None, :])
+    p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs, tl.sum(p * dp, 1), mask=ok)
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qt,
@@ -220,7 +273,7 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvt,
     H, T, T_BUCKET, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_DS: tl.constexpr,
 ):
     # One program: BLOCK_N keys of one (batch, head); loops over BLOCK_M query tiles.
     pid_n = tl.program_id(0)
@@ -284,7 +337,13 @@ def _attn_bwd_dkdv(
                 pt_lo = pt_lo.to(tl.float32)
             dv = tl.dot(pt_lo, do, dv, input_precision=DOT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dst = store_cast(pt * (dpt - delta[None, :]), Q.dtype.element_ty)
+            dst32 = pt * (dpt - delta[None, :])
+            dst = store_cast(dst32, Q.dtype.element_ty)
+            if SPLIT_DS:  # tiny T: dS^T = hi + lo, both in the input dtype (see the docstring)
+                dst_lo = store_cast(dst32 - dst.to(tl.float32), Q.dtype.element_ty)
+                if UPCAST_DOT:
+                    dst_lo = dst_lo.to(tl.float32)
+                dk = tl.dot(dst_lo, q, dk, input_precision=DOT_PRECISION)
             if UPCAST_DOT:
                 dst = dst.to(tl.float32)
             dk = tl.dot(dst, q, dk, input_precision=DOT_PRECISION)
@@ -306,7 +365,7 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqt,
     H, T, T_BUCKET, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_DS: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one (batch, head); loops over BLOCK_N key tiles.
     pid_m = tl.program_id(0)
@@ -372,7 +431,13 @@ def _attn_bwd_dq(
                 else:
                     p = tl.where((cols < T)[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = store_cast(p * (dp - delta[:, None]), Q.dtype.element_ty)
+            ds32 = p * (dp - delta[:, None])
+            ds = store_cast(ds32, Q.dtype.element_ty)
+            if SPLIT_DS:  # tiny T: dS = hi + lo, both in the input dtype (see the docstring)
+                ds_lo = store_cast(ds32 - ds.to(tl.float32), Q.dtype.element_ty)
+                if UPCAST_DOT:
+                    ds_lo = ds_lo.to(tl.float32)
+                dq = tl.dot(ds_lo, k, dq, input_precision=DOT_PRECISION)
             if UPCAST_DOT:
                 ds = ds.to(tl.float32)
             dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
@@ -640,19 +705,35 @@ def _launch_fwd(q, k, v, causal: bool, scale: float):
     return o, lse
 
 
+SPLIT_DS_MAX_T = 16  # tiny T: one tile of queries and of keys, where the extra work costs nothing measurable
+
+
+def split_ds(T: int, dtype: torch.dtype) -> bool:
+    """Whether the backward takes its tiny-T path: delta from the fp32 P and dP, dS carried as a hi + lo pair
+    of fp16/bf16 tiles (see the module docstring)."""
+    return T <= SPLIT_DS_MAX_T and dtype != torch.float32
+
+
 def _launch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     B, H, T, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()  # documented copy; autograd hands this op unit-stride gradients
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess[(triton.cdiv(T, PRE_BLOCK_M), B * H)](
-        o, do, delta, *_strides3(o), *_strides3(do), H, T, HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M, num_warps=4)
-    count_launch("attention_bwd_preprocess")
+    small = split_ds(T, q.dtype)
+    if small:
+        _attn_bwd_delta_small[(B * H,)](
+            q, k, v, do, lse, delta, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), H, T, scale,
+            HEAD_DIM=D, BLOCK=SPLIT_DS_MAX_T, CAUSAL=causal, **_dot_flags(q.dtype), num_warps=4)
+        count_launch("attention_bwd_delta_small")
+    else:
+        _attn_bwd_preprocess[(triton.cdiv(T, PRE_BLOCK_M), B * H)](
+            o, do, delta, *_strides3(o), *_strides3(do), H, T, HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M, num_warps=4)
+        count_launch("attention_bwd_preprocess")
 
     dq, dk, dv = _new_bhtd(q), _new_bhtd(k), _new_bhtd(v)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do))
     tail = (H, T, next_pow2(T), scale)
-    flags = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, SPLIT_DS=small, **_dot_flags(q.dtype))
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, *common, *_strides3(dk), *_strides3(dv), *tail)
     dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides3(dq), *tail)
     _run("dkdv", lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H), dkdv_args, flags, q, T)
@@ -723,8 +804,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one (B, H, T, D) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q, k, v must share one dtype among fp16, bf16, fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_dtypes("attention", q=q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise DtypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head dim {q.shape[-1]} is not supported; supported: {HEAD_DIMS}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -770,12 +852,12 @@ def _signature(fn, dtype: str) -> dict[str, str]:
     return sig
 
 
-def _divisibility(fn) -> dict:
+def _divisibility(fn, t_aligned: bool = True) -> dict:
     # What the launcher's specialization sees at GPT-2 shapes: 16-byte aligned pointers, strides,
-    # T and T_BUCKET multiples of 16 (H = 12 is not).
+    # T and T_BUCKET multiples of 16 (H = 12 is not). t_aligned=False: T % 16 != 0 (T_BUCKET still is).
     pointers = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if name in pointers or name.startswith("stride_") or name in ("T", "T_BUCKET")}
+            if name in pointers or name.startswith("stride_") or name == "T_BUCKET" or (name == "T" and t_aligned)}
 
 
 def _table_archs() -> dict[str, str]:
@@ -783,25 +865,50 @@ def _table_archs() -> dict[str, str]:
     return {table: table_arch(table).name for table in TABLES}
 
 
-def _kernel_builds(kernel: str, head_dims=(64, 128)) -> list[Build]:
-    """One build per distinct (tile, dtype, head dim), for every arch whose table holds that tile."""
+# Launch shapes beyond GPT-2's causal T=1024, each its own report group at bf16 D=64 (label, causal, T):
+# non-causal; T=1 (one-token decoding: the JIT specializes an int argument equal to 1, and T_BUCKET =
+# next_pow2(1) = 1, into constants); T=1000 (T % 16 != 0: no divisibility hint on T).
+_VARIANTS = (("", True, 1024), (" non-causal", False, 1024), (" T=1", True, 1), (" T=1000", True, 1000))
+
+
+def _kernel_builds(kernel: str, head_dims=HEAD_DIMS) -> list[Build]:
+    """One build per distinct (tile, dtype, head dim, shape variant), for every arch whose table holds that tile.
+
+    Every head dim the launcher accepts (HEAD_DIMS) at every dtype; the _VARIANTS shapes at bf16 D=64.
+    """
     fn, report = _RAW[kernel], "attention_" + ("fwd" if kernel == "fwd" else "bwd_" + kernel)
-    seen: dict[tuple, list[str]] = {}
+    named = {name: dt for dt, name in _DTYPE_NAMES.items()}
+    seen: dict[tuple, dict[str, int]] = {}
     for table, arch in _table_archs().items():
         for dtype, tables in (("fp16", TABLES), ("bf16", TABLES), ("fp32", FP32_TABLES)):
-            for t in tables[table][kernel]:
-                for d in head_dims:
-                    if d <= t.max_head_dim:
-                        seen.setdefault((t.key, dtype, d), []).append(arch)
+            for d in head_dims:
+                for variant in _VARIANTS if (dtype, d) == ("bf16", 64) else _VARIANTS[:1]:
+                    for rank, t in enumerate(tiles_for(kernel, table, named[dtype], d)):
+                        seen.setdefault((t.key, dtype, d, variant), {})[arch] = rank
     out = []
-    for ((bm, bn, warps, stages), dtype, d), archs in seen.items():
-        out.append(Build(
-            kernel=report, fn=fn, signature=_signature(fn, dtype),
-            constexprs=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, UPCAST_DOT=False,
-                            DOT_PRECISION="ieee" if dtype == "fp32" else "tf32"),
-            num_warps=warps, num_stages=stages,
-            config=f"{dtype} T=1024 D={d} BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages}",
-            attrs=_divisibility(fn), archs=tuple(archs), group=f"{dtype} D={d}"))
+    # The backward's tiny-T variant (split_ds: T <= SPLIT_DS_MAX_T, fp16/bf16) is its own group, built
+    # beside the default causal T=1024 variant of every tile, dtype and head dim.
+    splits = (False, True) if kernel != "fwd" else (None,)
+    for ((bm, bn, warps, stages), dtype, d, (label, causal, T)), ranks in seen.items():
+        for split in splits:
+            if split and (dtype == "fp32" or label):
+                continue
+            signature, constexprs = _signature(fn, dtype), {}
+            if T == 1:
+                signature.update(T="constexpr", T_BUCKET="constexpr")
+                constexprs.update(T=1, T_BUCKET=1)
+            constexprs.update(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, UPCAST_DOT=False,
+                              DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+            if split is not None:
+                constexprs["SPLIT_DS"] = split
+            t_note, g_note = (f"<={SPLIT_DS_MAX_T}", " split-dS") if split else (f"={T}", "")
+            out.append(Build(
+                kernel=report, fn=fn, signature=signature, constexprs=constexprs,
+                num_warps=warps, num_stages=stages,
+                config=f"{dtype} T{t_note} D={d}{' non-causal' if not causal else ''} BLOCK_M={bm} BLOCK_N={bn} "
+                       f"w{warps} s{stages}",
+                attrs=_divisibility(fn, T % 16 == 0 and T > 1), archs=tuple(ranks),
+                group=f"{dtype} D={d}{label}{g_note}", rank=ranks))
     return out
 
 
@@ -810,10 +917,19 @@ def _builds() -> list[Build]:
     builds = [b for kernel in KERNELS for b in _kernel_builds(kernel)]
     fn = _attn_bwd_preprocess
     for dtype in ("fp16", "bf16", "fp32"):
-        for d in (64, 128):
+        for d in HEAD_DIMS:
             builds.append(Build(
                 kernel="attention_bwd_preprocess", fn=fn, signature=_signature(fn, dtype),
                 constexprs=dict(HEAD_DIM=d, BLOCK_M=PRE_BLOCK_M), num_warps=4, num_stages=1,
                 config=f"{dtype} T=1024 D={d} BLOCK_M={PRE_BLOCK_M} w4", attrs=_divisibility(fn),
+                archs=tuple(dict.fromkeys(_table_archs().values()))))
+    fn = _attn_bwd_delta_small  # tiny T only (split_ds), so fp16/bf16 only
+    for dtype in ("fp16", "bf16"):
+        for d in (64, 128):
+            builds.append(Build(
+                kernel="attention_bwd_delta_small", fn=fn, signature=_signature(fn, dtype),
+                constexprs=dict(HEAD_DIM=d, BLOCK=SPLIT_DS_MAX_T, CAUSAL=True, UPCAST_DOT=False,
+                                DOT_PRECISION="tf32"), num_warps=4, num_stages=1,
+                config=f"{dtype} T<={SPLIT_DS_MAX_T} D={d} BLOCK={SPLIT_DS_MAX_T} w4", attrs=_divisibility(fn),
                 archs=tuple(dict.fromkeys(_table_archs().values()))))
     return builds

@@ -39,17 +39,22 @@ which costs nothing there. On CUDA that read would be a device -> host sync ever
 opt-in: `linear_cross_entropy(..., check_targets=True)` raises the same error; and with Triton's debug
 mode on (TRITON_DEBUG=1) the kernel's `tl.device_assert` stops at the first bad row. Without either,
 such a row's loss is NaN (never an out-of-bounds read), so the mean loss is NaN too.
+
+Limits: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Dtypes (the one rule of every kernel,
+kernels._launch.DTYPES): x and weight in fp32, bf16 or fp16, statistics in fp32; any other dtype
+(float64 included) raises DtypeError (a TypeError and a ValueError) naming it. Targets: any integer dtype.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import Build, can_launch, count_launch, interpreting, on_tensor_device, register_builds, why_not
+from ._launch import Build, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device, register_builds, why_not
 
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (rows x V_pad)
 VOCAB_ALIGN = 64
@@ -132,21 +137,34 @@ def _launch_loss_grad(logits: torch.Tensor, targets: torch.Tensor, loss_rows: to
 _OUT_DTYPE_ADDMM = [True]  # cleared if this torch build lacks addmm(..., out_dtype) for the device
 
 
+def _addmm_fp32_out(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """dw (fp32) += a @ b for bf16/fp16 a, b: fp32 accumulation, output straight into dw (torch >= 2.8)."""
+    torch.ops.aten.addmm.dtype_out(dw, a, b, torch.float32, out=dw)
+
+
+def _fast_path_device(dw: torch.Tensor) -> bool:
+    return dw.is_cuda
+
+
 def _accumulate_dw(dw: torch.Tensor, grad_logits: torch.Tensor, xc: torch.Tensor) -> None:
     """dw (V_pad, C) fp32 += grad_logits.T @ xc, with fp32 accumulation across chunks."""
     if grad_logits.dtype == torch.float32:
         dw.addmm_(grad_logits.T, xc)
         return
-    if dw.is_cuda and _OUT_DTYPE_ADDMM[0]:
+    if _fast_path_device(dw) and _OUT_DTYPE_ADDMM[0]:
         try:
-            # bf16/fp16 operands, fp32 accumulate and output straight into the accumulator
-            torch.ops.aten.addmm.dtype_out(dw, grad_logits.T, xc, torch.float32, out=dw)
+            _addmm_fp32_out(dw, grad_logits.T, xc)
             return
         except torch.OutOfMemoryError:
             raise  # out of memory says nothing about whether the op exists
-        except (RuntimeError, NotImplementedError):
-            _OUT_DTYPE_ADDMM[0] = False
-    if dw.is_cuda:
+        except (RuntimeError, NotImplementedError) as e:
+            _OUT_DTYPE_ADDMM[0] = False  # for the rest of the process: said once, here
+            warnings.warn(f"kernels.linear_cross_entropy: torch.ops.aten.addmm.dtype_out failed on this torch "
+                          f"build ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); dweight now "
+                          f"accumulates through a {grad_logits.dtype} product and a separate fp32 add (one more "
+                          f"(V, C) temporary and pass per chunk, slower) for the rest of this process",
+                          RuntimeWarning, stacklevel=2)
+    if _fast_path_device(dw):
         dw.add_(grad_logits.T @ xc)  # product rounded once to the compute dtype, sum in fp32
     else:
         dw.addmm_(grad_logits.T.float(), xc.float())
@@ -271,6 +289,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"expected x (N, C) and weight (V, C), got {tuple(x.shape)} and {tuple(weight.shape)}")
     if targets.shape != (x.shape[0],) or targets.dtype.is_floating_point:
         raise ValueError(f"expected integer targets of shape ({x.shape[0]},), got {targets.dtype} {tuple(targets.shape)}")
+    check_dtypes("linear_cross_entropy", x=x, weight=weight)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         compute_dtype = torch.get_autocast_dtype(dev)

@@ -22,6 +22,10 @@ Saved for backward: only the input x (the backward recomputes s); no extra tenso
 Layout: a contiguous input is used in place; any other layout is copied once to contiguous (the MLP's
 c_fc output is always contiguous, so the model never pays it). The output is contiguous with x's shape.
 
+Limits: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Dtypes (the one rule of every kernel,
+kernels._launch.DTYPES): x and dy in fp32, bf16 or fp16, math in fp32; any other dtype (float64
+included) raises DtypeError (a TypeError and a ValueError) naming it.
+
 Not fused: the c_fc bias. In the forward there is nothing to save: `nn.Linear` on CUDA adds the bias
 in the cuBLAS(Lt) GEMM epilogue (addmm), so h = x @ W + b costs no extra pass. In the backward, autograd
 computes dbias as a separate sum over the (B*T, 4C) gradient of h; a GELU backward that also wrote
@@ -37,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._jit import store_cast
-from ._launch import TORCH_TO_TRITON, Build, can_launch, count_launch, on_tensor_device, register_builds, why_not
+from ._launch import TORCH_TO_TRITON, Build, can_launch, check_dtypes, count_launch, on_tensor_device, register_builds, why_not
 
 _BLOCK = 2048
 _WARPS = 4
@@ -89,6 +93,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fwd_launch(x: torch.Tensor) -> torch.Tensor:
+    check_dtypes("gelu", x=x)
     _check_launch(x)
     xc = _flat(x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -100,6 +105,7 @@ def _fwd_launch(x: torch.Tensor) -> torch.Tensor:
 
 
 def _bwd_launch(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    check_dtypes("gelu backward", dy=dy, x=x)
     _check_launch(dy, x)
     if dy.shape != x.shape:
         raise ValueError(f"gelu backward: grad shape {tuple(dy.shape)} != input shape {tuple(x.shape)}")

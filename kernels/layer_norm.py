@@ -47,7 +47,9 @@ Backward, two launches, deterministic:
 dweight/dbias come out in fp32 and are cast to the parameter dtype (a no-op for fp32 parameters).
 
 Limits: N <= 8192; stride(-1) == 1 (otherwise one copy); CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1. Row offsets are int64, so M * row_stride may exceed 2**31.
+TRITON_INTERPRET=1. Row offsets are int64, so M * row_stride may exceed 2**31. Dtypes (the one rule of
+every kernel, kernels._launch.DTYPES): x, weight, bias and the output in fp32, bf16 or fp16, math in
+fp32; any other dtype (float64 included) raises DtypeError (a TypeError and a ValueError) naming it.
 """
 from __future__ import annotations
 
@@ -60,10 +62,13 @@ import triton.language as tl
 
 from ._jit import store_cast
 from ._launch import (
+    DTYPES,
     TORCH_TO_TRITON,
     Build,
+    DtypeError,
     _cuda_index,
     can_launch,
+    check_dtypes,
     count_launch,
     on_tensor_device,
     next_pow2,
@@ -227,7 +232,7 @@ def _row_config(n: int) -> tuple[int, int, int]:
     return block_n, rows, warps
 
 
-def _bwd_config(n: int, x_bytes: int) -> tuple[int, int, int, bool]:
+def _bwd_config(n: int, x_bytes: int, fp16: bool = False) -> tuple[int, int, int, bool]:
     """(BLOCK_N, ROWS, num_warps, PREFETCH) of one iteration of the backward's row loop, for x of
     `x_bytes` per element: one row of >= 1024 elements (several short rows), 16 bytes of x a thread
     (4 fp32 or 8 bf16/fp16 elements: 128-bit loads of x). The kernel holds x, dy, the prefetched next
@@ -238,13 +243,14 @@ def _bwd_config(n: int, x_bytes: int) -> tuple[int, int, int, bool]:
     1280/1600 -> 1 x 2048 with 16; bf16 x: half the warps. Rows over 2048 take 4 elements a thread
     whatever the dtype (8 bf16 needed 102-104 registers at 4096). 8192 -> 16 warps, 16 a thread,
     without the prefetch (two tiles spill; at 32 warps a block may use only 64 registers a thread and
-    spills too): ~120 registers, one block per SM, which the occupancy-sized grid accounts for."""
+    spills too): ~120 registers, one block per SM, which the occupancy-sized grid accounts for.
+    An fp16 x (`fp16`) takes 4 elements a thread like fp32: at 8, fp16 x and weight spill on sm_80."""
     block_n = _block_n(n)
     rows = min(max(1024 // block_n, 1), 16)
     tile = block_n * rows
     if tile > 4096:
         per_thread = tile // 512
-    elif x_bytes == 2 and tile <= 2048:
+    elif x_bytes == 2 and tile <= 2048 and not fp16:
         per_thread = 8
     else:
         per_thread = 4
@@ -313,9 +319,10 @@ def _fwd_launch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     n = x.shape[-1]
     if (weight is not None and weight.shape != (n,)) or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"layer_norm weight/bias must have shape ({n},)")
+    check_dtypes("layer_norm", x=x, weight=weight, bias=bias)
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"layer_norm writes fp32, bf16 or fp16, not {out_dtype}")
+    if out_dtype not in DTYPES:
+        raise DtypeError(f"layer_norm writes float32, bfloat16 or float16, not {out_dtype}")
     _check_launch(x, *_present(weight, bias))
     x2 = _rows_view(x, n)
     m = x2.shape[0]
@@ -351,7 +358,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor
     db = torch.zeros(n, dtype=torch.float32, device=x.device)
     if m == 0:
         return dx, dw, db
-    block_n, rows, warps, prefetch = _bwd_config(n, x.element_size())
+    block_n, rows, warps, prefetch = _bwd_config(n, x.element_size(), x.dtype == torch.float16)
     blocks = triton.cdiv(m, rows)
     w = weight.contiguous() if has_weight else rstd  # unused pointer when HAS_WEIGHT is False
     const = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_N=block_n, ROWS=rows, PREFETCH=prefetch,
@@ -476,12 +483,18 @@ def layer_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: 
 # --------------------------------------------------------------------------------------------
 # Builds for the compile report: GPT-2 widths, the dtypes training uses
 # --------------------------------------------------------------------------------------------
-_WIDTHS = (768, 1024, 1280, 1600, MAX_N)  # GPT-2's four widths, and the widest row we accept
+# Every n_embd of fastgpt.config.PRESETS (tiny 128, mini 384, GPT-2's four) and the widest row we accept;
+# tests/test_compile_report.py checks the presets are all here.
+_WIDTHS = (128, 384, 768, 1024, 1280, 1600, MAX_N)
 # (x dtype, weight dtype, output dtype = backward's dy dtype): fp32 throughout; bf16 autocast on the
 # fp32 residual stream (fp32 in, bf16 out: the model's LayerNorms); bf16 activations with fp32 weights;
 # pure bf16.
+# The same three for fp16 (the sm_75 training path: fp16 autocast with loss scaling). At MAX_N (not a
+# model width) only fp32 and bf16.
 _DTYPES = ((torch.float32, torch.float32, torch.float32), (torch.float32, torch.float32, torch.bfloat16),
-           (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16, torch.bfloat16))
+           (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+           (torch.float32, torch.float32, torch.float16), (torch.float16, torch.float32, torch.float16),
+           (torch.float16, torch.float16, torch.float16))
 _ALIGNED = [["tt.divisibility", 16]]  # what the JIT infers for 16-byte aligned pointers / ints % 16 == 0
 
 
@@ -493,7 +506,7 @@ def _aligned(*names: str) -> dict:
 def _builds() -> list[Build]:
     out: list[Build] = []
     for n in _WIDTHS:
-        for xd, wd, yd in _DTYPES if n != MAX_N else _DTYPES[:3]:
+        for xd, wd, yd in _DTYPES if n != MAX_N else _DTYPES[:4]:
             xt, wt, yt = TORCH_TO_TRITON[xd], TORCH_TO_TRITON[wd], TORCH_TO_TRITON[yd]
             # Bias-less (GPTConfig(bias=False)) and affine-free LayerNorm only change constexprs: built at 768.
             variants = [(True, True)]
@@ -513,7 +526,7 @@ def _builds() -> list[Build]:
                     num_warps=warps, num_stages=1, config=f"{label} ROWS={rows} BLOCK_N={block_n} w{warps}",
                     attrs=_aligned("X", "W", "B", "Y", "Mean", "Rstd", "stride_x", "stride_y", "N"),
                 ))
-                block_n, rows, warps, prefetch = _bwd_config(n, xd.itemsize)
+                block_n, rows, warps, prefetch = _bwd_config(n, xd.itemsize, xd == torch.float16)
                 out.append(Build(
                     kernel="layer_norm_bwd", fn=_layer_norm_bwd_kernel,
                     signature={"DY": f"*{yt}", "X": f"*{xt}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",

@@ -16,7 +16,7 @@ import torch.distributed as dist  # noqa: E402
 
 import kernels  # noqa: E402
 from fastgpt import GPT, GPTConfig  # noqa: E402
-from fastgpt.distributed import clip_grad_norm_, wrap  # noqa: E402
+from fastgpt.parallel import strategy  # noqa: E402
 from kernels.adamw import _aligned  # noqa: E402
 
 STEPS = 3
@@ -32,7 +32,8 @@ def run(mode: str, kernel_mode: str, fused: bool, data):
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
         opt = kernels.FusedAdamW(groups, lr=3e-3, betas=(0.9, 0.95))
     assert isinstance(opt, kernels.FusedAdamW) == fused, type(opt)
-    model, _, opt = wrap(raw, opt, mode, dist.get_world_size(), torch.device("cpu"))
+    shard = strategy(mode, dist.get_world_size())
+    model, _, opt = shard.wrap(raw, opt, torch.device("cpu"))
     params = [p for p in raw.parameters()]
     losses, launches, classes = [], [], []
     rank = dist.get_rank()
@@ -40,7 +41,7 @@ def run(mode: str, kernel_mode: str, fused: bool, data):
         opt.zero_grad(set_to_none=True)
         _, loss = model(x[rank], y[rank], return_logits=False)
         loss.backward()
-        clip_grad_norm_(params, 1.0)
+        shard.clip_grad_norm_(params, 1.0)
         before = kernels.launches("adamw")
         opt.step()
         launches.append(kernels.launches("adamw") - before)

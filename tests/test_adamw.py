@@ -347,3 +347,70 @@ def test_refused_param_leaves_state_untouched(bad, kernel_device):
     assert opt.state[good]["step"].item() == 1.0  # not advanced by the refused step
     assert other not in opt.state
     assert torch.equal(good.detach(), before)
+
+
+def _scaler_run(cls, base, unscale: bool, steps=8, inf_step=3, **kw):
+    """`steps` GradScaler steps (scaler.step, optionally after unscale_) with an inf grad at `inf_step`."""
+    params, opt = _make(cls, base, lr=3e-3, betas=(0.9, 0.95), **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = scaler.scale(torch.randn(p.shape, generator=gen))
+        if step == inf_step:
+            params[0].grad.view(-1)[0] = float("inf")
+        if unscale:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    return params, opt
+
+
+def _assert_same_state(ref_p, ref, our_p, ours):
+    assert _max_diff(ref_p, our_p) <= 1e-6
+    for p_ref, p_our in zip(ref_p, our_p):
+        s_ref, s_our = ref.state[p_ref], ours.state[p_our]
+        assert s_our["step"].item() == s_ref["step"].item()
+        torch.testing.assert_close(s_our["exp_avg"], s_ref["exp_avg"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(s_our["exp_avg_sq"], s_ref["exp_avg_sq"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaler.step", "unscale_+step"])
+def test_grad_scaler_skip_matches_torch(unscale, kernel_device, expect_launch):
+    """Under torch.amp.GradScaler a step skipped for an inf grad leaves params, moments and the step count
+    as torch's AdamW (fused and default) leave them, for every later step too."""
+    if kernel_device != "cpu":
+        pytest.skip("GradScaler('cpu') drives CPU tensors: the interpreter run")
+    base = _model_params("cpu")[:6]
+    with expect_launch("adamw"):
+        our_p, ours = _scaler_run(FusedAdamW, base, unscale)
+    for kw in ({"fused": True}, {}):
+        ref_p, ref = _scaler_run(torch.optim.AdamW, base, unscale, **kw)
+        assert all(ref.state[p]["step"].item() == 7 for p in ref_p)  # 8 steps, one skipped
+        _assert_same_state(ref_p, ref, our_p, ours)
+
+
+def test_found_inf_and_grad_scale_by_hand_match_torch_fused(kernel_device):
+    """found_inf / grad_scale set on the optimizer by hand, as torch's fused AdamW takes them; the trainer's
+    undo_step_count() after a skip stays harmless."""
+    base = [p.to(kernel_device) for p in _model_params("cpu")[:6]]
+    ref_p, ref = _make(torch.optim.AdamW, base, lr=3e-3, fused=True)
+    our_p, ours = _make(FusedAdamW, base, lr=3e-3)
+    for step in range(6):
+        gen = torch.Generator().manual_seed(step)
+        for ps in zip(ref_p, our_p):
+            g = (torch.randn(ps[0].shape, generator=gen) * 8.0).to(kernel_device)
+            for p in ps:
+                p.grad = g.clone()
+        skipped = step in (1, 2)
+        for opt in (ref, ours):
+            opt.grad_scale = torch.tensor(8.0, device=kernel_device)
+            opt.found_inf = torch.tensor(float(skipped), device=kernel_device)
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        if step == 2:
+            ours.undo_step_count()  # what train.py calls after a skipped step (step 1 goes without it)
+        if kernel_device != "cpu":
+            ours.state_dict()  # a device flag settles the counts here at the latest (never waited for in step)
+        _assert_same_state(ref_p, ref, our_p, ours)
+    assert ref.state[ref_p[0]]["step"].item() == 4

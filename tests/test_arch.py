@@ -14,7 +14,7 @@ from kernels import _launch
 
 attn_mod = sys.modules["kernels.attention"]  # `kernels.attention` is the function
 
-# (capability) -> (table, dtype, attention route): the rule README's "Which GPU?" table states.
+# (capability) -> (table, dtype, attention route): the rule docs/gpus.md's table states.
 PLANS = {
     (7, 5): (None, "fp16", "sdpa"),  # T4
     (8, 0): ("sm80", "bf16", "triton"),  # A100

@@ -129,7 +129,7 @@ def test_kill_9_during_a_checkpoint_write(shakespeare, tmp_path):
 def test_tied_weights_are_copied_once_for_saving():
     """On CUDA each tensor is copied to the CPU before saving; the tied wte/lm_head weight must stay
     one tensor (one storage in the file), not two copies."""
-    from fastgpt.train import _to_cpu
+    from fastgpt.parallel import to_cpu as _to_cpu
 
     sd = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=100, block_size=8, kernels="torch")).state_dict()
     out = _to_cpu({"model": sd})["model"]

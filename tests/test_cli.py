@@ -149,3 +149,10 @@ def test_validate_fails_beyond_tolerance(hf_dir, monkeypatch, capsys):
 def test_generate_needs_a_model(tmp_path, capsys):
     assert cli.main(["generate", "--prompt", "hi"]) == 1
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_validate_hub_name_offline_fails_with_the_generate_message(tmp_path):
+    """The hub is unreachable here (as on the GPU image): validate must say so, as generate does."""
+    r = fastgpt("validate", "--model", "gpt2", cwd=tmp_path, check=False, timeout=120)
+    assert r.returncode == 1 and "could not fetch 'gpt2' from the HuggingFace hub" in r.stderr, r.stderr
+    assert "Pass a local directory instead" in r.stderr and r.stdout == ""

@@ -24,7 +24,13 @@ SMEM_LIMIT = {"sm_75": 64, "sm_80": 163, "sm_86": 99, "sm_89": 99, "sm_90a": 227
 # Kernel families training uses on every arch, and attention's (>= 8.0 only: SDPA below).
 MEMORY_BOUND = {"layer_norm_fwd", "layer_norm_bwd", "layer_norm_dwdb", "gelu_fwd", "gelu_bwd", "adamw", "cross_entropy"}
 ATTENTION = {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"}
-ATTENTION_GROUPS = {f"{dtype} D={d}" for dtype in ("fp16", "bf16", "fp32") for d in (64, 128)}
+# Every head dim the launcher accepts at every dtype, and the other launch shapes at bf16 D=64.
+ATTENTION_GROUPS = {f"{dtype} D={d}" for dtype in ("fp16", "bf16", "fp32") for d in (16, 32, 64, 128)} | \
+    {"bf16 D=64 non-causal", "bf16 D=64 T=1", "bf16 D=64 T=1000"}
+# LayerNorm (x, w, y) dtypes compiled at every model width, AdamW grad dtypes.
+LN_DTYPES = {"x=fp32 w=fp32 y=fp32", "x=fp32 w=fp32 y=bf16", "x=bf16 w=fp32 y=bf16", "x=bf16 w=bf16 y=bf16",
+             "x=fp32 w=fp32 y=fp16", "x=fp16 w=fp32 y=fp16", "x=fp16 w=fp16 y=fp16"}
+ADAMW_GRADS = {"fp32", "bf16", "fp16"}
 # The SASS name of each arch's tensor-core MMA for fp16/bf16 (counted by the report).
 TENSOR_CORE_ARCHS = {"sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120"}
 
@@ -66,6 +72,24 @@ def _check_training_kernels_fit(rows, archs):
             assert r["mma_instructions"] > 0, r  # HMMA, HGMMA or UTCHMMA: fp16/bf16 dots on tensor cores
 
 
+def _check_launch_coverage(rows, archs):
+    """The builds every launch path needs are in the report and fit: LayerNorm at every preset width in every
+    dtype (bf16 and fp32 also at 8192), AdamW at every grad dtype."""
+    from fastgpt.config import PRESETS
+
+    widths = {p.n_embd for p in PRESETS.values()}
+    assert {128, 384, 768, 1024, 1280, 1600} <= widths
+    fit = {(r["kernel"], r["arch"], r["config"]) for r in rows if r["fits"]}
+    for arch in archs:
+        for kernel in ("layer_norm_fwd", "layer_norm_bwd"):
+            have = {(c.split(" N=")[0], int(c.split(" N=")[1].split()[0])) for k, a, c in fit
+                    if k == kernel and a == arch and " N=" in c and "no-bias" not in c}
+            assert {(d, n) for d in LN_DTYPES for n in widths} <= have, (kernel, arch)
+            assert {(d, 8192) for d in LN_DTYPES if "fp16" not in d} <= have, (kernel, arch)
+        grads = {c.split()[1] for k, a, c in fit if k == "adamw" and a == arch and " aligned" in c}
+        assert grads == ADAMW_GRADS, (arch, grads)
+
+
 @pytest.fixture(scope="module")
 def default_report(tmp_path_factory):
     return _report(tmp_path_factory, ["--arch", ",".join(DEFAULT_ARCHS), "--first-fit"])
@@ -74,7 +98,35 @@ def default_report(tmp_path_factory):
 def test_compile_report_default_archs_fit(default_report):
     rows, stdout = default_report
     _check_training_kernels_fit(rows, DEFAULT_ARCHS)
+    _check_launch_coverage(rows, DEFAULT_ARCHS)
     assert "first fit per group" in stdout
+
+
+def test_compile_report_first_fit_starts_with_the_fixed_tile(default_report):
+    """--first-fit compiles first, per arch and attention group, the tile FASTGPT_ATTENTION_CONFIGS=fixed
+    launches (its table's first tile for that dtype and head dim), and that tile fits with 0 spills: the
+    default check covers what runs."""
+    import torch
+
+    from kernels._launch import config_table
+    from kernels.attention import tiles_for
+
+    rows, _ = default_report
+    capability = {"sm_80": (8, 0), "sm_89": (8, 9), "sm_90a": (9, 0)}
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    checked = 0
+    for kernel in ("fwd", "dkdv", "dq"):
+        name = "attention_" + ("fwd" if kernel == "fwd" else "bwd_" + kernel)
+        for arch in DEFAULT_ARCHS:
+            for group in ATTENTION_GROUPS:
+                dtype, d = group.split()[0], int(group.split()[1][2:])
+                t = tiles_for(kernel, config_table(capability[arch]), dtypes[dtype], d)[0]
+                tile = f"BLOCK_M={t.BLOCK_M} BLOCK_N={t.BLOCK_N} w{t.num_warps} s{t.num_stages}"
+                got = [r for r in rows if r["kernel"] == name and r["arch"] == arch and r["group"] == group]
+                assert len(got) == 1 and got[0]["config"].endswith(tile), (name, arch, group, tile, got)
+                assert got[0]["fits"] and got[0]["spill_bytes"] == 0, got[0]
+                checked += 1
+    assert checked == 3 * len(DEFAULT_ARCHS) * len(ATTENTION_GROUPS)
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 Interpreter on CPU tensors here (rows kept small: every row streams the whole vocabulary through
 the interpreter); the `cuda` variants run the compiled kernel (`pytest -m gpu`).
 """
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,3 +214,31 @@ def test_reduced_model_all_triton_fused_loss(kernel_device, expect_launch):
         fused = _train_losses(cfg, False, kernel_device)
     for i, (a, b) in enumerate(zip(ref, fused)):
         assert abs(a - b) <= 1e-4, f"step {i}: logits path {a:.6f} vs fused {b:.6f}"
+
+
+def test_fallback_from_the_dtype_out_matmul_is_warned_once_with_its_reason(monkeypatch, recwarn):
+    """If aten.addmm.dtype_out raises on this torch build, the dweight accumulation switches (for the process)
+    to the slower product + add: said once, with the reason, and the result is still right."""
+    import warnings
+
+    ce = sys.modules["kernels.cross_entropy"]
+
+    def broken(dw, a, b):
+        raise RuntimeError("addmm.dtype_out: not implemented for this device\nsecond line")
+
+    monkeypatch.setattr(ce, "_OUT_DTYPE_ADDMM", [True])
+    monkeypatch.setattr(ce, "_addmm_fp32_out", broken)
+    monkeypatch.setattr(ce, "_fast_path_device", lambda dw: True)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 5, generator=g).bfloat16(), torch.randn(6, 3, generator=g).bfloat16()
+    want = a.float().T @ b.float()
+    warnings.simplefilter("always")
+    for _ in range(3):
+        dw = torch.zeros(5, 3)
+        ce._accumulate_dw(dw, a, b)
+        torch.testing.assert_close(dw, want, atol=2e-2, rtol=1e-2)
+    said = [w for w in recwarn.list if issubclass(w.category, RuntimeWarning)]
+    assert len(said) == 1
+    msg = str(said[0].message)
+    assert "addmm.dtype_out failed" in msg and "RuntimeError: addmm.dtype_out: not implemented" in msg
+    assert "second line" not in msg and "slower" in msg

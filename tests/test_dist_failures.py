@@ -63,14 +63,14 @@ def test_frozen_rank_ends_the_job_naming_step_and_rank(shakespeare, tmp_path):
     assert p.returncode != 0
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TRAINING_DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"  # "Resuming safely"
 
 
 @pytest.mark.parametrize("target", ["launcher", "workers"])
 def test_sigterm_under_torchrun_saves_once_and_exits_as_readme_says(shakespeare, tmp_path, target):
     """torchrun forwards a signal it gets to the workers (they finish the step, save once, exit 0), then
     re-raises it itself: a SignalException traceback and exit 1, which is torchrun's own behaviour and
-    what README says. A SIGTERM to the workers themselves ends the job with exit 0."""
+    what docs/training.md says. A SIGTERM to the workers themselves ends the job with exit 0."""
     args = nano_args(shakespeare, tmp_path / "log", steps_=10_000)
     args[args.index("--checkpoint_interval") + 1] = "10000"
     p = torchrun(tmp_path, args)
@@ -94,13 +94,13 @@ def test_sigterm_under_torchrun_saves_once_and_exits_as_readme_says(shakespeare,
     assert torch.load(path)["step"] == int(step)
     assert [q.name for q in (tmp_path / "log").glob("*.pt")] == [Path(path).name]
     assert "ChildFailedError" not in err  # no worker failed
-    readme = " ".join(README.read_text().split())
+    readme = " ".join(TRAINING_DOC.read_text().split())
     if target == "launcher":
         assert p.returncode == 1
         launcher = re.search(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: "
                              r"Process \d+ got signal: 15", err)
         assert launcher, err
-        # README quotes the launcher's last line and its exit code.
+        # docs/training.md quotes the launcher's last line and its exit code.
         assert "SignalException: Process PID got signal: 15" in readme and "torchrun itself exits 1" in readme
     else:
         assert p.returncode == 0, err

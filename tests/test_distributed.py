@@ -246,7 +246,7 @@ def test_ranks_that_resume_from_different_steps_stop_with_a_clear_error(runs, to
                                   steps_=STEPS + 2), pre=pre, nproc=2, check=False)
     assert r.returncode != 0
     assert "ranks resumed from different steps (from 0 to 20)" in r.stderr and "--log_dir" in r.stderr
-    assert 'fastgpt/train.py", line' not in r.stderr  # no traceback from the trainer (torchrun prints its own)
+    assert 'fastgpt/train/' not in r.stderr  # no traceback from the trainer (torchrun prints its own)
 
 
 def test_memory_model_per_rank(tmp_path, capsys):
@@ -281,62 +281,58 @@ def test_memory_model_per_rank(tmp_path, capsys):
 def test_cpu_defaults_keep_their_steps_on_several_ranks(tokens, monkeypatch):
     """`torchrun --nproc_per_node=2 train.py` on a CPU: the preset's 1,024-token steps, 4 sequences per rank;
     where its 8 sequences do not split over the ranks, one per rank and a larger step, said in the notice."""
-    import fastgpt.train as T
+    from fastgpt.train.options import parse_args
+    from fastgpt.train.plan import Env, resolve
 
     for world, micro, total in ((1, 8, 1024), (2, 4, 1024), (8, 1, 1024), (16, 1, 2048)):
-        monkeypatch.setattr(T, "setup_distributed", lambda cfg, w=world: (torch.device("cpu"), 0, 0, w))
-        cfg, given = T.parse_args(["--data_root", str(tokens)])
-        t = T.Trainer(cfg, given)
-        assert (t.cfg.total_batch_size, t.cfg.micro_batch_size, t.accum) == (total, micro, 1)
+        cfg, given = parse_args(["--data_root", str(tokens)])
+        plan = resolve(cfg, given, Env(world=world))
+        assert (plan.cfg.total_batch_size, plan.cfg.micro_batch_size, plan.accum) == (total, micro, 1)
         if total != 1024:
-            assert any("does not split over 16 ranks" in n for n in t.notes), t.notes
+            assert any("does not split over 16 ranks" in n for n in plan.notes), plan.notes
 
 
 def test_hellaswag_in_training_is_refused_under_fsdp_with_several_ranks(tmp_path):
     """FSDP2's forward is collective and HellaSwag's per-rank shards differ in length, so training would
     hang: the flags are refused before anything starts (checked on the trainer's flag check alone)."""
-    from types import SimpleNamespace
-
     from fastgpt.config import TrainConfig
-    from fastgpt.train import Trainer, TrainError
+    from fastgpt.train import TrainError
+    from fastgpt.train.plan import check_watch_flags
 
     fixture = Path(__file__).parent / "data" / "hellaswag_fixture.jsonl"
     cfg = TrainConfig(hellaswag_interval=5, hellaswag_data=str(fixture), shard="fsdp")
     with pytest.raises(TrainError, match="--hellaswag_interval does not run under --shard fsdp"):
-        Trainer.check_watch_flags(SimpleNamespace(world=2, gcfg=GPTConfig()), cfg)
+        check_watch_flags(cfg, GPTConfig(), 2)
     for shard, world in (("ddp", 2), ("zero1", 2), ("fsdp", 1)):
-        ok = SimpleNamespace(world=world, gcfg=GPTConfig())
-        Trainer.check_watch_flags(ok, TrainConfig(hellaswag_interval=5, hellaswag_data=str(fixture), shard=shard))
-        assert ok.hellaswag_examples
+        _, examples = check_watch_flags(TrainConfig(hellaswag_interval=5, hellaswag_data=str(fixture), shard=shard),
+                                        GPTConfig(), world)
+        assert examples
 
 
 def test_kernel_warm_up_runs_under_fsdp(tmp_path, monkeypatch):
-    """The CUDA warm-up (one dummy forward/backward before step 0) skips the gradient sync only where the model
-    has no_sync: an FSDP2 module has none, and the warm-up raised AttributeError there on several GPUs. Run on
-    CPU (gloo, one rank) with the CUDA-only calls stubbed out."""
-    import contextlib
-    from types import SimpleNamespace
-
+    """The warm-up (one dummy forward/backward, a skipped update and an eval forward before step 0) skips the
+    gradient sync only where the Strategy defers it: an FSDP2 module has no no_sync, and the warm-up raised
+    AttributeError there on several GPUs. Run on CPU (gloo, one rank) under the fsdp Strategy."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from fastgpt.distributed import fully_shard_gpt
-    from fastgpt.train import Trainer
+    from fastgpt.config import TrainConfig
+    from fastgpt.parallel import FSDP, fully_shard_gpt
+    from fastgpt.train.plan import RunPlan
+    from fastgpt.train.setup import warm_up_kernels
 
-    for name in ("get_rng_state", "set_rng_state", "synchronize"):
-        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         model = GPT(GPTConfig(**PICO, kernels="torch"))
         fully_shard_gpt(model, init_device_mesh("cpu", (1,)), None)
         assert not hasattr(model, "no_sync")
-        logs = []
-        trainer = SimpleNamespace(
-            cuda=True, ddp=True, master=True, device=torch.device("cpu"), model=model, autocast=contextlib.nullcontext,
-            cfg=SimpleNamespace(micro_batch_size=2, seq_len=16), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            log=logs.append)
-        Trainer.warm_up_kernels(trainer)
+        plan = RunPlan(TrainConfig(micro_batch_size=2, seq_len=16), frozenset(), "cpu", 0, 0, 1, "pico",
+                       model.config, 1, 2, "fp32", 0)
+        logs, skips = [], []
+        warm_up_kernels(plan, torch.device("cpu"), model, model, FSDP(2), torch.optim.SGD(model.parameters(), lr=0.1),
+                        lambda skip: skips.append(bool(skip)), logs.append)
         assert all(p.grad is None for p in model.parameters())  # the dummy batch's gradients are dropped
+        assert skips == [True]  # the update ran with its skip flag set
         assert logs and logs[-1].startswith("kernel warm-up")
     finally:
         dist.destroy_process_group()

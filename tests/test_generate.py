@@ -64,3 +64,18 @@ def test_bad_arguments(model):
         model.generate(idx, 1, temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         model.generate(idx, 1, top_k=0)
+
+
+def test_generate_names_the_checkpoints_that_exist(tmp_path, capsys):
+    from fastgpt import cli
+
+    log = tmp_path / "log"
+    log.mkdir()
+    for step in (80, 160, 240):
+        (log / f"model_{step:05d}.pt").write_bytes(b"")
+    assert cli.main(["generate", "--checkpoint", str(log / "model_00320.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "model_00320.pt" in err and f"the newest in {log}/ is {log / 'model_00240.pt'}" in err
+    assert "model_00080.pt" in err
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "empty" / "m.pt")]) == 1
+    assert "holds no .pt files" in capsys.readouterr().err

@@ -279,3 +279,32 @@ SH = []
 @pytest.fixture(autouse=True)
 def _shakespeare_path(shakespeare):
     SH[:] = [shakespeare]
+
+
+def test_unwritable_log_dir_is_refused_before_data_and_model(tmp_path, capsys):
+    """The --log_dir check comes with the other flag checks, before data is read or a model built: here the data
+    directory does not exist either, and the error names the log directory (before: the missing data)."""
+    f = tmp_path / "notadir"
+    f.write_text("x")
+    for log_dir in (f, f / "sub"):
+        with pytest.raises(SystemExit):
+            main(["--data_root", str(tmp_path / "no_data"), "--log_dir", str(log_dir), "--max_steps", "1"])
+        out, err = capsys.readouterr()
+        assert err.strip() == (f"error: --log_dir {log_dir} is not a writable directory (Not a directory: {f}); "
+                               f"pass a --log_dir you can write to"), err
+        assert "model:" not in out and "shards" not in out
+
+
+def test_changed_flags_against_a_finished_checkpoint_are_named(shakespeare, tmp_path, capsys, monkeypatch):
+    """A checkpoint at --max_steps and a rerun with other settings: nothing trains, and the line says which
+    settings differ from that run's (they would be refused if it trained) instead of a bare `nothing to do`."""
+    add_nano(monkeypatch)
+    rc, out, err = run(capsys, nano_args(shakespeare, tmp_path, steps_=2))
+    assert rc == 0, err
+    rc, out, err = run(capsys, nano_args(shakespeare, tmp_path, "--max_lr", "1e-3", "--seed", "7", steps_=2))
+    assert rc == 0 and steps(out) == {}, err
+    line = next(x for x in out.splitlines() if "nothing to do" in x)
+    assert "settings differ from that run's: --max_lr 0.003 (now 0.001); --seed 1337 (now 7)" in line, line
+    assert "unless --allow_changed max_lr,seed is given" in line, line
+    rc, out, err = run(capsys, nano_args(shakespeare, tmp_path, steps_=2))  # the same flags: no note
+    assert "nothing to do" in out and "differ" not in out

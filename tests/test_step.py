@@ -303,7 +303,7 @@ def test_fp16_tiny_learns_and_resumes_bit_exactly(tmp_path, capsys, monkeypatch)
 
 
 def test_spike_is_skipped_logged_and_resumes_exactly(chars, tmp_path, micro, monkeypatch, capsys):
-    monkeypatch.setattr(train, "SPIKE_MIN_HISTORY", 3)
+    monkeypatch.setattr(train.options, "SPIKE_MIN_HISTORY", 3)
     poison_loss(monkeypatch, {6}, lambda loss: loss * 10)
     cfg = micro_cfg(chars, tmp_path / "ref", max_steps=9, checkpoint_interval=1)
     assert run(cfg) == 0
@@ -328,7 +328,7 @@ def test_spike_is_skipped_logged_and_resumes_exactly(chars, tmp_path, micro, mon
 
 
 def test_repeated_spikes_stop_with_the_advice(chars, tmp_path, micro, monkeypatch, capsys):
-    monkeypatch.setattr(train, "SPIKE_MIN_HISTORY", 3)
+    monkeypatch.setattr(train.options, "SPIKE_MIN_HISTORY", 3)
     poison_loss(monkeypatch, {5, 6, 7}, lambda loss: loss * 10)
     with pytest.raises(TrainError) as e:
         run(micro_cfg(chars, tmp_path, max_steps=12, checkpoint_interval=4))
@@ -339,7 +339,7 @@ def test_repeated_spikes_stop_with_the_advice(chars, tmp_path, micro, monkeypatc
 
 
 def test_spike_guard_off_and_bad_values(chars, tmp_path, micro, monkeypatch, capsys):
-    monkeypatch.setattr(train, "SPIKE_MIN_HISTORY", 3)
+    monkeypatch.setattr(train.options, "SPIKE_MIN_HISTORY", 3)
     poison_loss(monkeypatch, {5}, lambda loss: loss * 10)
     assert run(micro_cfg(chars, tmp_path, max_steps=7, spike_guard=0)) == 0
     assert "| skipped" not in capsys.readouterr().out
@@ -393,7 +393,11 @@ def test_weight_blowup_writes_no_checkpoint_and_names_the_healthy_one(chars, tmp
     flags, given = parse_args(shlex.split(advice))
     cfg = micro_cfg(chars, tmp_path, max_steps=20, eval_interval=2, checkpoint_interval=2, keep_checkpoints=1)
     assert run(replace(cfg, **{k: getattr(flags, k) for k in given})) == 0
-    assert f"resuming from {healthy} (step 4" in capsys.readouterr().out
+    resumed = capsys.readouterr().out
+    assert f"resuming from {healthy} (step 4" in resumed
+    # the val loss it shows is labelled with the step it was measured at (step 4's eval, before the save)
+    val4 = torch.load(healthy)["val_loss"]
+    assert f"resuming from {healthy} (step 4, val loss {val4:.4f} at step 4)" in resumed
 
 
 def test_max_lr_1e6_never_writes_a_checkpoint(chars, tmp_path, micro, capsys):
@@ -509,3 +513,43 @@ def test_recorded_attention_configs_reach_the_launcher(chars, tmp_path, micro, m
     assert seen == [saved]
     assert kernels.attention_configs() == saved  # the resumed process launched exactly those
     kernels.clear_attention_configs()
+
+
+def test_kernel_warm_up_runs_every_kernel_of_a_step_and_changes_nothing(chars, tmp_path, micro):
+    """With Triton kernels (the interpreter here; a GPU compiles them there), the warm-up before step 0 launches
+    every kernel a step launches: forward and backward, FusedAdamW's update (skipped on the device by its flag)
+    and evaluation's loss-only cross-entropy (a no_grad forward). Weights, optimizer state and the RNG are left
+    as they were, so the losses after it equal those of a run without it, bit for bit."""
+    import kernels as k
+
+    from fastgpt.train import setup
+
+    cfg = micro_cfg(chars, tmp_path, kernels="triton", total_batch_size=32, micro_batch_size=2, seq_len=16)
+    names = ("layer_norm_fwd", "layer_norm_bwd", "gelu_fwd", "gelu_bwd", "attention_fwd", "cross_entropy", "adamw")
+
+    def losses(warm: bool) -> list[float]:
+        trainer = Trainer(cfg, set(TrainConfig.field_names()))
+        trainer.wrap_model()
+        if warm:
+            params = [p.detach().clone() for p in trainer.raw.parameters()]
+            modes, real = [], trainer.core.forward
+
+            def forward(*a, **kw):
+                modes.append((trainer.core.training, torch.is_grad_enabled()))
+                return real(*a, **kw)
+
+            trainer.core.forward = forward
+            before = {n: k.launches(n) for n in names}
+            setup.warm_up_kernels(trainer.plan, trainer.device, trainer.model, trainer.core, trainer.strategy,
+                                  trainer.optimizer, trainer.skipped_update, lambda *a: None)
+            del trainer.core.forward
+            assert {n: k.launches(n) - before[n] > 0 for n in names} == dict.fromkeys(names, True)
+            assert modes == [(True, True), (False, False)]  # a training forward/backward, then an eval forward
+            assert all(torch.equal(p, q) for p, q in zip(params, trainer.raw.parameters()))
+            for st in trainer.optimizer.state.values():  # FusedAdamW's state, if the skipped step made one
+                assert int(st.get("step", 0)) == 0
+                assert all(not t.any() for n, t in st.items() if n != "step" and isinstance(t, torch.Tensor))
+            assert all(p.grad is None for p in trainer.raw.parameters())
+        return [trainer.train_step(s).loss for s in range(2)]
+
+    assert losses(warm=True) == losses(warm=False)

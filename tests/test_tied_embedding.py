@@ -134,3 +134,21 @@ def test_compiled_model_gives_the_same_gradients(monkeypatch):
         loss.backward()
         grads.append(model.transformer.wte.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_a_gradient_the_caller_owns_is_never_modified():
+    """The caller hands its own tensor to backward through the head (`head + 0.0` passes it on as it is):
+    the tied backward must add the token rows into a copy, and the gradients stay right."""
+    torch.manual_seed(0)
+    V, C = 11, 4
+    idx = torch.tensor([[1, 2, 2, 7]])
+    g_emb, g_head = torch.randn(1, 4, C), torch.randn(V, C)
+    kept = g_head.clone()
+    grads = []
+    for fn in (ops.tied_embedding, _plain):
+        w = torch.randn(V, C, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        emb, head = fn(idx, w, "torch")
+        torch.autograd.backward([emb, head + 0.0], [g_emb, g_head])
+        torch.testing.assert_close(g_head, kept, rtol=0, atol=0)
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)

@@ -96,9 +96,12 @@ def test_step_lines_summary_and_final_line(watched_run):
     assert re.search(r"^step 7 .*\| eta: 0s \|", out, re.M)  # nothing left after the last step
     assert re.search(r"^run: 8 steps x 512 tokens = 4,096 tokens \| data: [\d,]+ train tokens in 1 shard\(s\) -> "
                      r"\d+\.\d\d epochs \| dtype: fp32$", out, re.M)
-    final = out.strip().splitlines()[-1]
+    final, after = out.strip().splitlines()[-2:]
     assert re.fullmatch(r"done: 8 steps \(0 -> 8\), 4,096 tokens in \d+s \| final train loss \d+\.\d{4} \| "
-                        r"val loss \d+\.\d{4} \| last checkpoint: .*model_00008\.pt", final), final
+                        r"val loss \d+\.\d{4} at step 8 \| last checkpoint: .*model_00008\.pt", final), final
+    # The done line's val loss names its step, and the next commands follow it, ready to paste.
+    assert re.fullmatch(r"next: fastgpt generate --checkpoint \S*model_00008\.pt --prompt ROMEO: \(sample from it\) "
+                        r"\| fastgpt plot \S+ \(loss curves\)", after), after
     # The MFU printed is the model's convention (6N + 12LCT FLOPs per token) over the given peak.
     from fastgpt import GPT
     from fastgpt.config import GPTConfig
