@@ -378,6 +378,7 @@ def test_weight_blowup_writes_no_checkpoint_and_names_the_healthy_one(chars, tmp
     assert [p.name for p in tmp_path.glob("model_*.pt")] == ["model_00004.pt"]
     assert finite_state(torch.load(tmp_path / "model_00004.pt"))
     healthy = tmp_path / "model_00004.pt"
+    val4 = torch.load(healthy)["val_loss"]  # read now: the resumed run below retires this file (keep 1)
     assert f"The newest healthy one is {healthy}" in out
     assert f"resume from the newest healthy checkpoint, {healthy}" in str(e.value)
     assert f"--resume_from {healthy}" in str(e.value)
@@ -396,7 +397,6 @@ def test_weight_blowup_writes_no_checkpoint_and_names_the_healthy_one(chars, tmp
     resumed = capsys.readouterr().out
     assert f"resuming from {healthy} (step 4" in resumed
     # the val loss it shows is labelled with the step it was measured at (step 4's eval, before the save)
-    val4 = torch.load(healthy)["val_loss"]
     assert f"resuming from {healthy} (step 4, val loss {val4:.4f} at step 4)" in resumed
 
 
