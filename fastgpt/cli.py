@@ -74,17 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shard_tokens", type=int, default=None, help="tokens per shard file (default: one shard)")
     t.add_argument("--num_proc", type=int, default=1,
                    help="tokenizer worker processes; an interrupted preparation resumes when run again")
-    h = psub.add_parser("hf", help="a HuggingFace dataset (needs `pip install fastgpt[hf]` and a network)")
-    h.add_argument("dataset", help="e.g. wikitext")
-    h.add_argument("--name", default=None, help="dataset configuration, e.g. wikitext-103-v1")
+    h = psub.add_parser("hf", help="a HuggingFace dataset, streamed (needs `pip install fastgpt[hf]` and a network)")
+    h.add_argument("dataset", help="e.g. HuggingFaceFW/fineweb-edu")
+    h.add_argument("--name", default=None, help="dataset configuration, e.g. sample-10BT")
     h.add_argument("--split", default="train")
     h.add_argument("--text_field", default="text")
     h.add_argument("--out", required=True)
-    h.add_argument("--val_fraction", type=float, default=0.1)
-    h.add_argument("--shard_tokens", type=int, default=None)
+    h.add_argument("--no_streaming", action="store_true",
+                   help="download the whole dataset first and split it --val_fraction (the pre-streaming behaviour)")
+    h.add_argument("--val_fraction", type=float, default=0.1, help="with --no_streaming: the last fraction is val")
     h.add_argument("--limit", type=int, default=None, help="use only the first N documents")
-    h.add_argument("--num_proc", type=int, default=1,
-                   help="tokenizer worker processes; an interrupted preparation resumes when run again")
+    f = psub.add_parser("files", help="local .parquet, .jsonl(.gz), .json.gz or .arrow files or directories")
+    f.add_argument("files", nargs="+")
+    f.add_argument("--out", required=True)
+    f.add_argument("--text_field", default="text")
+    f.add_argument("--part", default=None, help="i/N: prepare the i-th of N slices of the files (N parallel jobs)")
+    for a in (h, f):
+        a.add_argument("--shard_tokens", type=int, default=None, help="tokens per shard (default 100,000,000)")
+        a.add_argument("--val_tokens", type=int, default=None,
+                       help="the first N tokens are the val split (default: one shard)")
+        a.add_argument("--num_proc", type=int, default=None,
+                       help="tokenizer worker processes (default: the cores); a killed preparation resumes when run again")
 
     sub.add_parser("train", help="train (the flags of train.py; see `fastgpt train --help`)", add_help=False)
 
@@ -136,10 +146,18 @@ def _prepare(args) -> int:
         data.prepare_shakespeare(args.input, args.out, download_url=url)
     elif args.source == "text":
         data.prepare_texts(args.files, args.out, args.val_fraction, args.shard_tokens, num_proc=args.num_proc)
-    else:
+    elif args.source == "hf" and args.no_streaming:
         data.prepare_hf(args.dataset, args.out, name=args.name, split=args.split, text_field=args.text_field,
                         val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, limit=args.limit,
-                        num_proc=args.num_proc)
+                        num_proc=args.num_proc or 1)
+    else:
+        size = dict(shard_tokens=args.shard_tokens or data.DEFAULT_SHARD_TOKENS, val_tokens=args.val_tokens,
+                    num_proc=args.num_proc)
+        if args.source == "hf":
+            data.prepare_hf_stream(args.dataset, args.out, name=args.name, split=args.split,
+                                   text_field=args.text_field, limit=args.limit, **size)
+        else:
+            data.prepare_files(args.files, args.out, text_field=args.text_field, part=args.part, **size)
     print(f"wrote {args.out}/")
     return 0
 

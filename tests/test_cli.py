@@ -43,7 +43,7 @@ def hf_dir(tmp_path_factory):
 def test_prepare_prints_the_exact_counts(workdir):
     d, prep, _ = workdir
     assert "Saved 304,222 train tokens and 33,803 val tokens" in prep.stdout
-    assert sorted(p.name for p in (d / "prepared").iterdir()) == ["train_00000.npy", "val_00000.npy"]
+    assert sorted(p.name for p in (d / "prepared").iterdir()) == ["manifest.json", "train_00000.npy", "val_00000.npy"]
 
 
 def test_train_on_cpu_picks_the_cpu_preset_and_says_so(workdir):
@@ -53,7 +53,7 @@ def test_train_on_cpu_picks_the_cpu_preset_and_says_so(workdir):
     assert lines[0].startswith("no data in 'shakespeare_data': preparing the Tiny Shakespeare packaged with")
     assert lines[1] == "Saved 304,222 train tokens and 33,803 val tokens"
     assert lines[2:5] == ["found 1 shards for split train", "found 1 shards for split val", "using device: cpu"]
-    assert sorted(p.name for p in (d / "shakespeare_data").iterdir()) == ["train_00000.npy", "val_00000.npy"]
+    assert sorted(p.name for p in (d / "shakespeare_data").iterdir()) == ["manifest.json", "train_00000.npy", "val_00000.npy"]
     assert "no GPU: using the CPU-sized preset 'tiny'" in out and "--model gpt2" in out
     assert "step 0 | loss: 10." in out and "val loss " in out
     assert "sample at step 1:\nROMEO:" in out  # a run ends with a sample of what it learned
@@ -94,7 +94,7 @@ def test_train_without_data_gives_the_prepare_hint(tmp_path):
     """Only the default --data_root is prepared automatically: a missing other one may be a typo."""
     r = fastgpt("train", "--max_steps", "1", "--data_root", "my_data", cwd=tmp_path, check=False)
     assert r.returncode == 1
-    assert "'my_data' not found" in r.stderr and "run `fastgpt prepare shakespeare` first" in r.stderr
+    assert "'my_data' not found" in r.stderr and "run `fastgpt prepare shakespeare --out my_data` first" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "my_data").exists()
 
 

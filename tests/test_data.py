@@ -107,7 +107,7 @@ def test_default_data_is_prepared_only_when_missing(tmp_path, capsys):
     assert data.prepare_default_data(root) is True
     out = capsys.readouterr().out
     assert "preparing the Tiny Shakespeare packaged with fastgpt" in out and "Saved 304,222 train tokens" in out
-    assert sorted(p.name for p in root.iterdir()) == ["train_00000.npy", "val_00000.npy"]
+    assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "train_00000.npy", "val_00000.npy"]
     np.save(root / "val_00000.npy", np.arange(100, dtype=np.uint16))  # the user's own shards are kept
     assert data.prepare_default_data(root) is False
     assert len(np.load(root / "val_00000.npy")) == 100 and capsys.readouterr().out == ""
@@ -182,7 +182,7 @@ def test_not_an_npy_file_is_refused_by_name(tmp_path):
 
 
 def test_missing_data_dir_gives_the_prepare_hint(tmp_path):
-    with pytest.raises(DataError, match=r"run `fastgpt prepare shakespeare` first"):
+    with pytest.raises(DataError, match=r"run `fastgpt prepare shakespeare --out .*shakespeare_data` first"):
         ShardLoader(tmp_path / "shakespeare_data", "train", B=2, T=8, verbose=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no val shards"):

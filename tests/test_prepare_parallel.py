@@ -36,25 +36,25 @@ def _tokens(d: Path) -> np.ndarray:
 
 
 def test_num_proc_2_gives_byte_identical_shards_equal_to_whole_text_encoding(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "PIECE_CHARS", 300)  # many pieces: many cuts to get wrong
+    monkeypatch.setattr(data.prepare, "PIECE_CHARS", 300)  # many pieces: many cuts to get wrong
     src = tmp_path / "a.txt"
     src.write_text(_text() * 3, encoding="utf-8")
-    assert len(data._cut_points(src.read_text(), 300)) > 10
+    assert len(data.prepare._cut_points(src.read_text(), 300)) > 10
     data.prepare_texts([src, src], tmp_path / "one", shard_tokens=700, num_proc=1)
     data.prepare_texts([src, src], tmp_path / "two", shard_tokens=700, num_proc=2)
     one, two = _shards(tmp_path / "one"), _shards(tmp_path / "two")
     assert len(one) > 3 and one == two
     whole = get_encoding().encode_ordinary(src.read_text() + "\n" + src.read_text())
     assert _tokens(tmp_path / "one").tolist() == whole
-    assert not (tmp_path / "one" / data.SPOOL).exists()  # the spool is gone once the shards are written
+    assert not (tmp_path / "one" / data.prepare.SPOOL).exists()  # the spool is gone once the shards are written
 
 
 def test_an_interrupted_preparation_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "PIECE_CHARS", 300)
+    monkeypatch.setattr(data.prepare, "PIECE_CHARS", 300)
     src = tmp_path / "a.txt"
     src.write_text(_text(), encoding="utf-8")
     data.prepare_texts([src], tmp_path / "ref")
-    real, calls = data._encode_text, []
+    real, calls = data.prepare._encode_text, []
 
     def dies_after_3(piece):
         if len(calls) == 3:
@@ -62,22 +62,22 @@ def test_an_interrupted_preparation_resumes(tmp_path, monkeypatch, capsys):
         calls.append(piece)
         return real(piece)
 
-    monkeypatch.setattr(data, "_encode_text", dies_after_3)
+    monkeypatch.setattr(data.prepare, "_encode_text", dies_after_3)
     with pytest.raises(KeyboardInterrupt):
         data.prepare_texts([src], tmp_path / "out")
-    assert len(list((tmp_path / "out" / data.SPOOL).glob("piece_*.npy"))) == 3
-    monkeypatch.setattr(data, "_encode_text", real)
+    assert len(list((tmp_path / "out" / data.prepare.SPOOL).glob("piece_*.npy"))) == 3
+    monkeypatch.setattr(data.prepare, "_encode_text", real)
     capsys.readouterr()
-    n_pieces = len(data._cut_points(src.read_text(), 300)) - 1
+    n_pieces = len(data.prepare._cut_points(src.read_text(), 300)) - 1
     data.prepare_texts([src], tmp_path / "out")
     assert f"resuming an interrupted preparation: 3 of {n_pieces} pieces already tokenized" in capsys.readouterr().out
     assert _shards(tmp_path / "out") == _shards(tmp_path / "ref")
     # Interrupted again, then the input changes: the old pieces are not reused.
-    monkeypatch.setattr(data, "_encode_text", dies_after_3)
+    monkeypatch.setattr(data.prepare, "_encode_text", dies_after_3)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         data.prepare_texts([src], tmp_path / "out")
-    monkeypatch.setattr(data, "_encode_text", real)
+    monkeypatch.setattr(data.prepare, "_encode_text", real)
     src.write_text(_text().upper(), encoding="utf-8")
     capsys.readouterr()
     data.prepare_texts([src], tmp_path / "out")
@@ -98,7 +98,7 @@ def test_prepare_hf_in_pieces_with_workers(tmp_path, monkeypatch, capsys):
             return {"text": docs[s]}
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: FakeDataset()))
-    monkeypatch.setattr(data, "DOCS_PER_PIECE", 8)
+    monkeypatch.setattr(data.prepare, "DOCS_PER_PIECE", 8)
     data.prepare_hf("fake", tmp_path / "one", num_proc=1, limit=45)
     data.prepare_hf("fake", tmp_path / "two", num_proc=2, limit=45)
     assert _shards(tmp_path / "one") == _shards(tmp_path / "two")

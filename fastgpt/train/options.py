@@ -23,6 +23,20 @@ def shard_choices() -> tuple[str, ...]:
     return tuple(STRATEGIES)
 
 
+def data_order_choices() -> tuple[str, ...]:
+    """The --data_order values of the train loader (fastgpt/data/loader.py)."""
+    from ..data import DATA_ORDERS
+
+    return tuple(DATA_ORDERS)
+
+
+def recipe_choices() -> tuple[str, ...]:
+    """The --recipe names (fastgpt/data/recipes.py)."""
+    from ..data.recipes import RECIPES
+
+    return tuple(sorted(RECIPES))
+
+
 SPIKE_WINDOW = 20  # the spike guard compares a loss with the mean of this many recent accepted losses,
 SPIKE_MIN_HISTORY = 10  # once it has seen at least this many
 MAX_NONFINITE = 3  # consecutive skipped updates (non-finite loss or norm, or loss spikes) before giving up
@@ -57,6 +71,10 @@ class TrainConfig:
     """Every `train.py` flag. Defaults follow the training guide."""
 
     data_root: str = flag("shakespeare_data", "directory with train_*.npy / val_*.npy token shards")
+    data_order: str = flag("sequential", "train chunks in order (sequential) or in a seeded permutation per epoch "
+                                         "(shuffled)", choices=data_order_choices)
+    recipe: str | None = flag(None, "fill the flags not given from a named recipe (gpt2-124m-fineweb: build-nanogpt's "
+                                    "124M run)", choices=recipe_choices)
     total_batch_size: int = flag(32768, "tokens per optimizer step, over all ranks and accumulation micro-steps",
                                  resume=True)
     micro_batch_size: int = flag(16, "sequences per forward pass per rank (lower it if you run out of memory)",
@@ -176,4 +194,10 @@ def parse_args(argv=None, prog: str = "train.py", epilog: str = "") -> tuple[Tra
     """(config, the names of the flags given). A value wrong on its own raises TrainError."""
     ns = build_parser(prog, epilog).parse_args(argv)
     given = {k for k, v in vars(ns).items() if v is not None}
-    return replace(TrainConfig(), **{k: getattr(ns, k) for k in given}), given
+    values = {k: getattr(ns, k) for k in given}
+    if ns.recipe:  # the recipe fills only the flags not given; its values count as given (CPU defaults keep off them)
+        from ..data.recipes import recipe
+
+        values = {**recipe(ns.recipe), **values}
+        given |= set(values)
+    return replace(TrainConfig(), **values), given

@@ -48,7 +48,7 @@ def build_data(plan, log) -> tuple[ShardLoader, ShardLoader]:
         if plan.ddp:
             dist.barrier()
     train = ShardLoader(cfg.data_root, "train", cfg.micro_batch_size, T, plan.rank, plan.world, plan.gcfg.vocab_size,
-                        verbose=plan.master, pin_memory=plan.cuda)
+                        verbose=plan.master, pin_memory=plan.cuda, order=cfg.data_order, seed=cfg.seed)
     # One sequence per chunk: rank r evaluates sequences r, r + world, ... of the same eval set.
     val = ShardLoader(cfg.data_root, "val", 1, T, plan.rank, plan.world, plan.gcfg.vocab_size, verbose=plan.master)
     return train, val
