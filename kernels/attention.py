@@ -494,7 +494,7 @@ TABLES: dict[str, dict[str, list[Tile]]] = {
     "sm80": {  # A100: 163 KB per block
         "fwd": [_t(128, 64, 4, 3, 64), _t(128, 32, 4, 3, 64), _t(64, 64, 4, 3), _t(128, 64, 8, 3)],
         "dkdv": [_t(32, 64, 4, 3), _t(32, 128, 8, 2), _t(32, 64, 4, 4, 64), _t(64, 64, 4, 3, 64)],
-        "dq": [_t(64, 32, 4, 3), _t(64, 64, 4, 3), _t(128, 32, 8, 3), _t(128, 64, 8, 3, 64)],
+        "dq": [_t(64, 32, 4, 3), _t(64, 64, 4, 3), _t(128, 32, 8, 3), _t(128, 64, 8, 2, 64)],
     },
     "sm86": {  # RTX 30xx: 99 KB per block; at D=128 sm80's fwd 128x64 w8 spills, dQ 64x64 w4 needs 104 KB
         "fwd": [_t(64, 64, 4, 3), _t(128, 64, 4, 3, 64), _t(128, 32, 4, 3), _t(64, 64, 8, 3)],
@@ -522,11 +522,16 @@ TABLES["sm89"] = TABLES["sm86"]  # RTX 40xx, L4: same mma.sync and 99 KB as 8.6;
 # every fp32 operand tile: larger tiles spill at D=128 (on sm_90a and up even 32x32 in 8 warps), so
 # small tiles, the same on every arch, one per kernel and head dim (no tuning).
 _FP32 = {"fwd": [_t(32, 32, 8, 2, 64), _t(16, 16, 4, 2)], "dkdv": [_t(16, 32, 8, 2)],
-         "dq": [_t(32, 32, 8, 2, 64), _t(16, 16, 4, 2)]}
+         "dq": [_t(32, 32, 8, 2, 64), _t(16, 16, 4, 1)]}
 FP32_TABLES: dict[str, dict[str, list[Tile]]] = {name: _FP32 for name in TABLES}
 # Under the interpreter: one small config each, BLOCK_M != BLOCK_N so the straddling diagonal
 # tiles are exercised.
 INTERP_TILES = {"fwd": _t(64, 32, 4, 1), "dkdv": _t(32, 64, 4, 1), "dq": _t(64, 32, 4, 1)}
+# The backward's tiny-T path (`split_ds`: T <= SPLIT_DS_MAX_T, fp16/bf16) launches one fixed tile on every
+# arch, in every config mode and under the interpreter: 16 x 16 holds every query and key of such a T, so
+# there is nothing to tune, and larger tiles only add masked work (at D=128, with dS carried as a hi + lo
+# pair, they spill registers on several archs).
+SPLIT_DS_TILES = {"dkdv": _t(16, 16, 4, 1), "dq": _t(16, 16, 4, 1)}
 PRE_BLOCK_M = 16  # 32 and 64 rows in 4 warps spill a few bytes on sm_100a (ptxas 13), 16 none
 
 
@@ -662,7 +667,7 @@ def clear_attention_configs() -> None:
 def _run(kernel: str, grid, args: tuple, flags: dict, q: torch.Tensor, T: int) -> None:
     """Launch one attention kernel with the config this process uses for its key, and record it."""
     key = (kernel, _arch_name(q), flags["HEAD_DIM"], _DTYPE_NAMES[q.dtype], next_pow2(T), flags["CAUSAL"])
-    tile = _installed.get(key)
+    tile = SPLIT_DS_TILES[kernel] if flags.get("SPLIT_DS") else _installed.get(key)
     if tile is None and interpreting():
         tile = INTERP_TILES[kernel]
     elif tile is None and attention_config_mode() == "fixed":
@@ -833,8 +838,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 
 # ============================================================================================
-# Compile-report builds: every table's candidates at GPT-2 shapes (T=1024), fp16 and bf16 at head dims
-# 64 and 128 where a tile allows them, fp32 likewise, each for the arch(s) whose table holds it.
+# Compile-report builds: every table's candidates at GPT-2 shapes (T=1024), fp16, bf16 and fp32 at every
+# head dim a tile allows, each for the arch(s) whose table holds it; the tiny-T backward's one tile.
 # ============================================================================================
 def _signature(fn, dtype: str) -> dict[str, str]:
     sig = {}
@@ -886,29 +891,30 @@ def _kernel_builds(kernel: str, head_dims=HEAD_DIMS) -> list[Build]:
                     for rank, t in enumerate(tiles_for(kernel, table, named[dtype], d)):
                         seen.setdefault((t.key, dtype, d, variant), {})[arch] = rank
     out = []
-    # The backward's tiny-T variant (split_ds: T <= SPLIT_DS_MAX_T, fp16/bf16) is its own group, built
-    # beside the default causal T=1024 variant of every tile, dtype and head dim.
-    splits = (False, True) if kernel != "fwd" else (None,)
-    for ((bm, bn, warps, stages), dtype, d, (label, causal, T)), ranks in seen.items():
-        for split in splits:
-            if split and (dtype == "fp32" or label):
-                continue
-            signature, constexprs = _signature(fn, dtype), {}
-            if T == 1:
-                signature.update(T="constexpr", T_BUCKET="constexpr")
-                constexprs.update(T=1, T_BUCKET=1)
-            constexprs.update(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, UPCAST_DOT=False,
-                              DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-            if split is not None:
-                constexprs["SPLIT_DS"] = split
-            t_note, g_note = (f"<={SPLIT_DS_MAX_T}", " split-dS") if split else (f"={T}", "")
-            out.append(Build(
-                kernel=report, fn=fn, signature=signature, constexprs=constexprs,
-                num_warps=warps, num_stages=stages,
-                config=f"{dtype} T{t_note} D={d}{' non-causal' if not causal else ''} BLOCK_M={bm} BLOCK_N={bn} "
-                       f"w{warps} s{stages}",
-                attrs=_divisibility(fn, T % 16 == 0 and T > 1), archs=tuple(ranks),
-                group=f"{dtype} D={d}{label}{g_note}", rank=ranks))
+    # The backward's tiny-T path (split_ds: T <= SPLIT_DS_MAX_T, fp16/bf16) is its own group per dtype and
+    # head dim: its one tile (SPLIT_DS_TILES) on every table's arch.
+    items = [(key, ranks, False if kernel != "fwd" else None) for key, ranks in seen.items()]
+    if kernel != "fwd":
+        archs = {arch: 0 for arch in _table_archs().values()}
+        items += [((SPLIT_DS_TILES[kernel].key, dtype, d, _VARIANTS[0]), archs, True)
+                  for dtype in ("fp16", "bf16") for d in head_dims]
+    for ((bm, bn, warps, stages), dtype, d, (label, causal, T)), ranks, split in items:
+        signature, constexprs = _signature(fn, dtype), {}
+        if T == 1:
+            signature.update(T="constexpr", T_BUCKET="constexpr")
+            constexprs.update(T=1, T_BUCKET=1)
+        constexprs.update(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, UPCAST_DOT=False,
+                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        if split is not None:
+            constexprs["SPLIT_DS"] = split
+        t_note, g_note = (f"<={SPLIT_DS_MAX_T}", " split-dS") if split else (f"={T}", "")
+        out.append(Build(
+            kernel=report, fn=fn, signature=signature, constexprs=constexprs,
+            num_warps=warps, num_stages=stages,
+            config=f"{dtype} T{t_note} D={d}{' non-causal' if not causal else ''} BLOCK_M={bm} BLOCK_N={bn} "
+                   f"w{warps} s{stages}",
+            attrs=_divisibility(fn, T % 16 == 0 and T > 1), archs=tuple(ranks),
+            group=f"{dtype} D={d}{label}{g_note}", rank=ranks))
     return out
 
 
@@ -925,7 +931,7 @@ def _builds() -> list[Build]:
                 archs=tuple(dict.fromkeys(_table_archs().values()))))
     fn = _attn_bwd_delta_small  # tiny T only (split_ds), so fp16/bf16 only
     for dtype in ("fp16", "bf16"):
-        for d in (64, 128):
+        for d in HEAD_DIMS:
             builds.append(Build(
                 kernel="attention_bwd_delta_small", fn=fn, signature=_signature(fn, dtype),
                 constexprs=dict(HEAD_DIM=d, BLOCK=SPLIT_DS_MAX_T, CAUSAL=True, UPCAST_DOT=False,

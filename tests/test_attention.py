@@ -307,6 +307,32 @@ def test_installed_configs_are_what_the_launcher_uses(monkeypatch, clean_configs
     assert log["fwd"][0]["BLOCK_M"] == attn_mod.INTERP_TILES["fwd"].BLOCK_M
 
 
+@pytest.mark.skipif(not interpreting(), reason="the interpreter launches the raw kernels the spy wraps")
+def test_tiny_T_backward_launches_its_one_tile(monkeypatch, clean_configs, expect_launch):
+    """T <= SPLIT_DS_MAX_T (fp16/bf16): the backward launches SPLIT_DS_TILES whatever is installed or the mode
+    says (the tiles the tables tune for T=1024 spill registers there on several archs), and the compile
+    report's split-dS groups build exactly that tile on every arch with a table."""
+    archs = set(attn_mod._table_archs().values())
+    for name in ("dkdv", "dq"):
+        split = [b for b in attn_mod._kernel_builds(name) if "split-dS" in b.group]
+        t = attn_mod.SPLIT_DS_TILES[name]
+        assert {b.group for b in split} == {f"{dt} D={d} split-dS" for dt in ("fp16", "bf16") for d in attn_mod.HEAD_DIMS}
+        for b in split:
+            assert b.config.endswith(f"BLOCK_M={t.BLOCK_M} BLOCK_N={t.BLOCK_N} w{t.num_warps} s{t.num_stages}"), b.config
+            assert set(b.archs) == archs and b.constexprs["SPLIT_DS"] is True, b.config
+    q, k, v, do = _inputs((1, 2, 2, 64), torch.bfloat16, "cpu", seed=13)
+    entry = dict(arch="interpreter", head_dim=64, dtype="bf16", t_bucket=2, causal=True,
+                 BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    kernels.install_attention_configs([{**entry, "kernel": name} for name in attn_mod.KERNELS])
+    log = {name: [] for name in attn_mod._RAW}
+    monkeypatch.setattr(attn_mod, "_RAW", {n: _Spy(fn, log[n]) for n, fn in attn_mod._RAW.items()})
+    with expect_launch("attention_fwd", "attention_bwd_delta_small", "attention_bwd_dkdv", "attention_bwd_dq"):
+        _fwd_bwd(kernels.attention, q, k, v, do)
+    assert log["fwd"] == [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)]  # installed: the forward's
+    for name in ("dkdv", "dq"):
+        assert log[name] == [attn_mod.SPLIT_DS_TILES[name].launch_kwargs()], name
+
+
 def test_install_rejects_malformed_entries(clean_configs):
     good = dict(kernel="fwd", arch="sm_90", head_dim=64, dtype="bf16", t_bucket=1024, causal=True,
                 BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
