@@ -139,7 +139,11 @@ def test_compile_report_all_archs_every_build(tmp_path_factory):
     for r in rows:
         assert r["fits"], r
         assert 0 < r["registers"] <= 255, r
-        if not (r["kernel"] == "adamw" and "unaligned" in r["config"]):  # that fallback is scalar by design
+        # The AdamW fallback is scalar by design; the fp16 LayerNorm backward takes 4 elements a thread
+        # (8-byte loads: more spilled on sm_80, kernels/layer_norm.py _bwd_config).
+        scalar = (r["kernel"] == "adamw" and "unaligned" in r["config"]) or (
+            r["kernel"] == "layer_norm_bwd" and r["config"].startswith("x=fp16"))
+        if not scalar:
             assert r["vector_loads"] > 0, r
         if r["kernel"].startswith("layer_norm"):
             assert r["mma_instructions"] == 0, r  # row kernels: no tensor-core work to find
