@@ -143,7 +143,7 @@ def test_compile_report_all_archs_every_build(tmp_path_factory):
         # (8-byte loads: more spilled on sm_80, kernels/layer_norm.py _bwd_config).
         scalar = (r["kernel"] == "adamw" and "unaligned" in r["config"]) or (
             r["kernel"] == "layer_norm_bwd" and r["config"].startswith("x=fp16"))
-        if not scalar:
+        if r["kernel"] in MEMORY_BOUND and not scalar:  # attention at small D loads 32-64 byte rows otherwise
             assert r["vector_loads"] > 0, r
         if r["kernel"].startswith("layer_norm"):
             assert r["mma_instructions"] == 0, r  # row kernels: no tensor-core work to find
