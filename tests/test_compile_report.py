@@ -4,7 +4,7 @@ Runs in a subprocess without TRITON_INTERPRET (this test session sets it; the re
 @triton.jit kernels). Default run: sm_80, sm_89 and sm_90a, first fitting build per group (every
 memory-bound build, and per attention kernel, dtype and head dim the first tile that fits), a few
 minutes on 2 cores with a cold Triton cache and seconds with a warm one. `-m slow`: every build on all
-seven targets (about 1,850 compiles, 40+ minutes cold on 2 cores).
+seven targets (about 1,850 compiles; tens of minutes with a cold cache).
 """
 import json
 import os
