@@ -286,6 +286,47 @@ def register_builds(fn: Callable[[], list[Build]]) -> Callable[[], list[Build]]:
     return fn
 
 
+def constexpr_flags(fn) -> list[bool]:
+    """Per argument of the @triton.jit `fn`: is it `tl.constexpr`? (A compiled JITFunction has `params`;
+    under TRITON_INTERPRET=1 the wrapper has none, so the Python function's annotations are read.)"""
+    if hasattr(fn, "params"):
+        return [bool(p.is_constexpr) for p in fn.params]
+    import triton.language as tl
+
+    params = inspect.signature(fn.fn).parameters.values()
+    return [p.annotation is tl.constexpr or "constexpr" in str(p.annotation) for p in params]
+
+
+def signature(fn, types: dict[str, str], default: str | None = None) -> dict[str, str]:
+    """The compile signature of the @triton.jit `fn`, in its argument order, derived from the kernel.
+
+    Argument names and which of them are `tl.constexpr` come from `fn` itself (`arg_names`, `params`);
+    `types` gives the Triton type of the other arguments by name ("*bf16", "fp32", ...), `default` the
+    type of any not named (the kernels' ints: "i32"). A name in `types` the kernel does not have, or an
+    argument with no type, raises: renaming a kernel argument cannot leave a stale signature behind."""
+    unknown = set(types) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no argument(s) {sorted(unknown)}; its arguments: {fn.arg_names}")
+    sig = {}
+    for name, is_constexpr in zip(fn.arg_names, constexpr_flags(fn)):
+        if is_constexpr:
+            sig[name] = "constexpr"
+        elif name in types or default is not None:
+            sig[name] = types.get(name, default)
+        else:
+            raise ValueError(f"{fn.__name__}: no type for argument {name!r}")
+    return sig
+
+
+def aligned(fn, *names: str) -> dict:
+    """Divisibility-by-16 hints (what runtime specialisation gives 16-byte aligned pointers and
+    multiples of 16) for the named arguments of `fn`, keyed as `Build.attrs` wants."""
+    unknown = set(names) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no argument(s) {sorted(unknown)}")
+    return {name: [["tt.divisibility", 16]] for name in names}
+
+
 def all_builds() -> list[Build]:
     out: list[Build] = []
     for fn in _BUILDERS:

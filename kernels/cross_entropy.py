@@ -54,7 +54,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import Build, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device, register_builds, why_not
+from ._launch import (Build, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device, register_builds,
+                      signature, why_not)
 
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (rows x V_pad)
 VOCAB_ALIGN = 64
@@ -316,9 +317,8 @@ def linear_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, target
 def _builds() -> list[Build]:
     out = []
     for dt in ("bf16", "fp32", "fp16"):
-        sig = {"logits_ptr": f"*{dt}", "stride_row": "i32", "targets_ptr": "*i64", "loss_ptr": "*fp32",
-               "scale_ptr": "*fp32", "n_cols": "i32", "ignore_index": "i32", "WRITE_GRAD": "constexpr",
-               "BLOCK_V": "constexpr", "ROUND_BF16": "constexpr"}
+        sig = signature(_ce_loss_grad_kernel, {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "loss_ptr": "*fp32",
+                                               "scale_ptr": "*fp32"}, default="i32")
         # what runtime specialisation gives at GPT-2's vocab: aligned pointers, row stride
         # V_pad = 50304 divisible by 16; n_cols = 50257 carries no hint
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}

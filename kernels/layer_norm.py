@@ -72,7 +72,9 @@ from ._launch import (
     count_launch,
     on_tensor_device,
     next_pow2,
+    aligned,
     register_builds,
+    signature,
     why_not,
 )
 
@@ -495,11 +497,6 @@ _DTYPES = ((torch.float32, torch.float32, torch.float32), (torch.float32, torch.
            (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
            (torch.float32, torch.float32, torch.float16), (torch.float16, torch.float32, torch.float16),
            (torch.float16, torch.float16, torch.float16))
-_ALIGNED = [["tt.divisibility", 16]]  # what the JIT infers for 16-byte aligned pointers / ints % 16 == 0
-
-
-def _aligned(*names: str) -> dict:
-    return {name: _ALIGNED for name in names}
 
 
 @register_builds
@@ -518,40 +515,36 @@ def _builds() -> list[Build]:
                 block_n, rows, warps = _row_config(n)
                 out.append(Build(
                     kernel="layer_norm_fwd", fn=_layer_norm_fwd_kernel,
-                    signature={"X": f"*{xt}", "W": f"*{wt}", "B": f"*{wt}", "Y": f"*{yt}", "Mean": "*fp32",
-                               "Rstd": "*fp32", "stride_x": "i32", "stride_y": "i32", "M": "i32", "N": "i32",
-                               "eps": "fp32", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
-                               "BLOCK_N": "constexpr", "ROWS": "constexpr"},
+                    signature=signature(_layer_norm_fwd_kernel, {
+                        "X": f"*{xt}", "W": f"*{wt}", "B": f"*{wt}", "Y": f"*{yt}", "Mean": "*fp32", "Rstd": "*fp32",
+                        "eps": "fp32"}, default="i32"),
                     constexprs={"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "BLOCK_N": block_n, "ROWS": rows},
                     num_warps=warps, num_stages=1, config=f"{label} ROWS={rows} BLOCK_N={block_n} w{warps}",
-                    attrs=_aligned("X", "W", "B", "Y", "Mean", "Rstd", "stride_x", "stride_y", "N"),
+                    attrs=aligned(_layer_norm_fwd_kernel, "X", "W", "B", "Y", "Mean", "Rstd", "stride_x", "stride_y", "N"),
                 ))
                 block_n, rows, warps, prefetch = _bwd_config(n, xd.itemsize, xd == torch.float16)
                 out.append(Build(
                     kernel="layer_norm_bwd", fn=_layer_norm_bwd_kernel,
-                    signature={"DY": f"*{yt}", "X": f"*{xt}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",
-                               "DX": f"*{xt}", "PartW": "*fp32", "PartB": "*fp32", "stride_dy": "i32",
-                               "stride_x": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
-                               "rows_per_prog": "i32", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
-                               "BLOCK_N": "constexpr", "ROWS": "constexpr", "PREFETCH": "constexpr"},
+                    signature=signature(_layer_norm_bwd_kernel, {
+                        "DY": f"*{yt}", "X": f"*{xt}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",
+                        "DX": f"*{xt}", "PartW": "*fp32", "PartB": "*fp32"}, default="i32"),
                     constexprs={"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "BLOCK_N": block_n, "ROWS": rows,
                                 "PREFETCH": prefetch},
                     num_warps=warps, num_stages=1,
                     config=f"{label} ROWS={rows} BLOCK_N={block_n} w{warps}" + ("" if prefetch else " no-prefetch"),
-                    attrs=_aligned("DY", "X", "W", "Mean", "Rstd", "DX", "PartW", "PartB",
+                    attrs=aligned(_layer_norm_bwd_kernel, "DY", "X", "W", "Mean", "Rstd", "DX", "PartW", "PartB",
                                    "stride_dy", "stride_x", "stride_dx", "N"),
                 ))
     for has_weight, has_bias in ((True, True), (True, False)):
         out.append(Build(
             kernel="layer_norm_dwdb", fn=_layer_norm_dwdb_kernel,
-            signature={"PartW": "*fp32", "PartB": "*fp32", "DW": "*fp32", "DB": "*fp32", "G": "i32", "N": "i32",
-                       "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_G": "constexpr",
-                       "BLOCK_C": "constexpr"},
+            signature=signature(_layer_norm_dwdb_kernel, dict.fromkeys(("PartW", "PartB", "DW", "DB"), "*fp32"),
+                                default="i32"),
             constexprs={"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "BLOCK_G": _DWDB_BLOCK_G,
                         "BLOCK_C": _DWDB_BLOCK_C},
             num_warps=_DWDB_WARPS, num_stages=1,
             config=f"fp32 BLOCK_G={_DWDB_BLOCK_G} BLOCK_C={_DWDB_BLOCK_C} w{_DWDB_WARPS} (any N % 16 == 0)"
                    + ("" if has_bias else " no-bias"),
-            attrs=_aligned("PartW", "PartB", "DW", "DB", "N"),
+            attrs=aligned(_layer_norm_dwdb_kernel, "PartW", "PartB", "DW", "DB", "N"),
         ))
     return out
