@@ -30,11 +30,11 @@ tensors, and what differs between CPU and CUDA is made to behave as on CUDA:
    launches), and autograd saves what each op's registered setup_context saves: what the kernels
    keep for the backward on CUDA. `FastgptOps` (a TorchDispatchMode) counts these calls and, because
    a fake implementation allocates only the outputs, holds around each call the workspace the real
-   op allocates inside and frees before returning, sized from the kernel module's own constants:
-   for the fused loss the vocabulary-padded weight copy and one chunk's logits and dweight product
-   (kernels/cross_entropy.py), for attention's backward its fp32 delta (B, H, T). It also passes the
-   fused loss the compute dtype its public function reads from CUDA autocast (bf16), which
-   CudaAutocast cannot set for CPU tensors.
+   op allocates inside and frees before returning, as each kernel file registers it
+   (`kernels._launch.register_workspace`: for the fused loss the vocabulary-padded weight copy and one
+   chunk's logits; for attention's backward its fp32 delta (B, H, T)). It also passes each op the
+   arguments its public function derives from CUDA autocast (`register_autocast_args`: the fused
+   loss's compute dtype, LayerNorm's output dtype), which CudaAutocast cannot set for CPU tensors.
 
 Other assumptions (printed with the results): dropout 0 everywhere (HF configs too); HF's loss shifts
 labels (T-1 targets per row); no gradient clipping; CUDA's caching allocator rounds every block to 512
@@ -242,61 +242,24 @@ class FastgptOps(TorchDispatchMode):
         kwargs = kwargs or {}
         if getattr(func, "namespace", None) != "fastgpt":
             return func(*args, **kwargs)
+        from kernels import _launch
+
         name = func.name().split("::", 1)[1]
         self.calls[name] += 1
-        if name == "linear_cross_entropy":
-            args = list(args)
-            # kernels.linear_cross_entropy takes the compute dtype from torch's CUDA autocast state
-            # (bf16 here); CudaAutocast is a TorchFunctionMode and cannot set it for CPU tensors.
-            args[5] = self.compute_dtype
-            if self.ce_chunk_rows:
-                args[6] = self.ce_chunk_rows
-            work = self._ce_workspace(*args)
-        elif name == "layer_norm_fwd":
-            # kernels.layer_norm writes its output in the autocast dtype (fp32 in, bf16 out), read from
-            # torch's CUDA autocast state, which CudaAutocast cannot set for CPU tensors.
-            args = list(args) + [None] * (5 - len(args))
-            if args[0].dtype != self.compute_dtype:
-                args[4] = self.compute_dtype
-            work = []
-        elif name == "attention_bwd":
-            work = self._attention_bwd_workspace(*args)
-        else:
-            work = []  # layer_norm_bwd's per-program partial sums (2 x G x C fp32, G = blocks/SM x SMs, < 8 MiB): not modelled
+        schema = func._schema.arguments
+        bound = {a.name: a.default_value for a in schema if a.has_default_value()}
+        bound.update(zip((a.name for a in schema), args), **kwargs)
+        # what the public function passes under CUDA autocast (CudaAutocast cannot set torch's autocast
+        # state for CPU tensors), and the memory run's chunk size for any op that takes one
+        bound = _launch.autocast_args(name, bound, self.compute_dtype)
+        if self.ce_chunk_rows and "chunk_rows" in bound:
+            bound["chunk_rows"] = self.ce_chunk_rows
+        work = [torch.empty(shape, dtype=dtype) for shape, dtype in _launch.workspace(name, bound)]
         nbytes = sum(t.untyped_storage().nbytes() for t in work)
         self.workspace[name] = max(self.workspace.get(name, 0), nbytes)
-        out = func(*args, **kwargs)
+        out = func(*(bound[a.name] for a in schema))
         del work  # freed after the outputs exist: the op's peak is outputs + workspace
         return out
-
-    @staticmethod
-    def _ce_workspace(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_rows, need_dx, need_dw):
-        """What kernels.cross_entropy._forward allocates besides its outputs, at its largest (inside a chunk)."""
-        from kernels import cross_entropy as ce
-
-        N, C = x.shape
-        V = weight.shape[0]
-        v_pad = -(-V // ce.VOCAB_ALIGN) * ce.VOCAB_ALIGN
-        rows = ce._chunk_rows(N, v_pad, chunk_rows)
-        work = [torch.empty(N, dtype=torch.float32)]  # per-row losses
-        if v_pad != V or weight.dtype != compute_dtype:  # the weight, zero-padded to v_pad rows
-            work.append(torch.empty(v_pad, C, dtype=compute_dtype))
-        if x.dtype != compute_dtype:  # one chunk of x in the compute dtype
-            work.append(torch.empty(rows, C, dtype=compute_dtype))
-        work.append(torch.empty(rows, v_pad, dtype=compute_dtype))  # the chunk's logits, then their gradient
-        if need_dw:  # grad_logits.T @ x_chunk (v_pad, C), added into the fp32 dweight accumulator
-            work.append(torch.empty(v_pad, C, dtype=compute_dtype))
-        elif need_dx:  # grad_logits @ w (rows, C), copied into dx
-            work.append(torch.empty(rows, C, dtype=compute_dtype))
-        return work
-
-    @staticmethod
-    def _attention_bwd_workspace(do, q, k, v, o, lse, causal, scale):
-        B, H, T, _ = q.shape
-        work = [torch.empty(B, H, T, dtype=torch.float32)]  # delta = rowsum(dO * O)
-        if do.stride(-1) != 1:
-            work.append(torch.empty(do.shape, dtype=do.dtype))
-        return work
 
 
 def _with_recompute_autocast(patch):
@@ -586,18 +549,9 @@ def run_one(system: str, model_name: str, batch: int, seq: int, activation_check
                 "autograd decides what is saved); fastgpt.ops forced to the Triton path because the fake CPU "
                 "tensors stand for CUDA ones; op calls in the measured step: "
                 + ", ".join(f"{k} x{v}" for k, v in sorted(kops.calls.items())))
-        if system == "fastgpt":
-            from kernels import cross_entropy as ce
-
-            v_pad = -(-VOCAB // ce.VOCAB_ALIGN) * ce.VOCAB_ALIGN
-            rows = ce._chunk_rows(batch * seq, v_pad, CE_CHUNK_ROWS)
-            assumptions.append(
-                f"fastgpt: fused linear CE workspace held around the op (from kernels/cross_entropy.py): {rows} "
-                f"rows per chunk, bf16 chunk logits {rows} x {v_pad} ({fmt_bytes(rows * v_pad * 2)}), the weight "
-                f"padded to {v_pad} rows in bf16 and one bf16 dweight product ({fmt_bytes(v_pad * size['n_embd'] * 2)}"
-                f" each); {fmt_bytes(kops.workspace.get('linear_cross_entropy', 0))} in all. dweight's storage has "
-                f"{v_pad} rows on CUDA, {VOCAB} in the fake output ({fmt_bytes((v_pad - VOCAB) * size['n_embd'] * 4)}"
-                " less saved)")
+            work = ", ".join(f"{op} {fmt_bytes(n)}" for op, n in sorted(kops.workspace.items()) if n)
+            assumptions.append(f"{system}: workspace held around each op, as its kernel file registers it "
+                               f"(kernels._launch.register_workspace): {work or 'none'}")
         # (N, V) tensors: the logits in every dtype; their size tells the logits' share of the peak.
         N = batch * seq
         logits_bytes = sum(nb for sc, sub, nb, dt, shape in saved.seen.values()
@@ -764,7 +718,14 @@ def measure_cuda(system: str, model_name: str, batch: int, seq: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # 4. Per rank: train.py --shard ddp|zero1|fsdp at a world size, with or without activation checkpointing.
 # ------------------------------------------------------------------------------------------------
-SHARD_MODES = ("ddp", "zero1", "fsdp")
+def _shard_modes() -> tuple[str, ...]:
+    """train.py's --shard modes, from fastgpt.parallel.STRATEGIES (one file per mode)."""
+    from fastgpt.parallel import STRATEGIES
+
+    return tuple(STRATEGIES)
+
+
+SHARD_MODES = _shard_modes()
 CARDS_GB = (8, 12, 16, 24, 40, 80)
 # A card of G GB fits a run whose modelled peak is <= G GiB - this: the CUDA context, cuBLAS and NCCL
 # workspaces and allocator fragmentation are not modelled (they are what NVML shows on top).
@@ -843,6 +804,9 @@ def run_rank(mode: str, model_name: str, batch: int, seq: int, world: int,
     """One rank's peak under train.py --shard `mode` at `world` ranks (one process for world 1)."""
     if mode not in SHARD_MODES:
         raise ValueError(f"unknown --shard {mode!r}; choose from {SHARD_MODES}")
+    if mode not in ("ddp", "zero1", "fsdp"):
+        raise NotImplementedError(f"bench.memory has no per-rank model for --shard {mode} yet (fastgpt/parallel/"
+                                  f"{mode}.py): add one to run_rank")
     if mode == "fsdp" and world > 1:
         return run_fsdp(model_name, batch, seq, world, activation_checkpointing)
     r = run_one("fastgpt", model_name, batch, seq, activation_checkpointing)

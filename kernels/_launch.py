@@ -334,6 +334,47 @@ def all_builds() -> list[Build]:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Registry of what a custom op holds besides its outputs, for the memory model (bench.memory).
+# --------------------------------------------------------------------------------------------
+Block = tuple[tuple[int, ...], torch.dtype]  # one allocation: shape, dtype
+_WORKSPACES: dict[str, Callable[..., list[Block]]] = {}
+_AUTOCAST_ARGS: dict[str, Callable[..., dict]] = {}
+
+
+def register_workspace(op: str):
+    """Decorator: `fn(**args) -> [(shape, dtype), ...]`, the blocks the fastgpt::`op` implementation
+    allocates inside and frees before returning, at its largest, for the op's arguments by schema name
+    (tensors carry shape and dtype only: the memory model calls it on fake tensors). A fake
+    implementation allocates only the outputs, so this is what a memory model must add around a call."""
+    def deco(fn):
+        _WORKSPACES[op] = fn
+        return fn
+    return deco
+
+
+def register_autocast_args(op: str):
+    """Decorator: `fn(args: dict, dtype) -> dict`, the arguments the public function passes fastgpt::`op`
+    under CUDA autocast to `dtype` (it reads torch's autocast state, which a memory model running CPU
+    fake tensors cannot set for CUDA)."""
+    def deco(fn):
+        _AUTOCAST_ARGS[op] = fn
+        return fn
+    return deco
+
+
+def workspace(op: str, args: dict) -> list[Block]:
+    """The registered workspace blocks of fastgpt::`op` for `args` (none registered: none)."""
+    fn = _WORKSPACES.get(op)
+    return fn(**args) if fn is not None else []
+
+
+def autocast_args(op: str, args: dict, dtype: torch.dtype) -> dict:
+    """`args` as the public function would pass them under CUDA autocast to `dtype`."""
+    fn = _AUTOCAST_ARGS.get(op)
+    return fn(dict(args), dtype) if fn is not None else args
+
+
 TORCH_TO_TRITON = {
     torch.float32: "fp32",
     torch.float16: "fp16",

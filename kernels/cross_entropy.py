@@ -54,8 +54,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import (Build, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device, register_builds,
-                      signature, why_not)
+from ._launch import (Build, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device, register_autocast_args,
+                      register_builds, register_workspace, signature, why_not)
 
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (rows x V_pad)
 VOCAB_ALIGN = 64
@@ -208,6 +208,7 @@ def _forward(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_r
             dx[s:e] = logits @ w
         if need_dw:
             _accumulate_dw(dw, logits, xc)
+        del logits, xc  # else the next chunk's logits are computed while this chunk's are still held
     total = loss_rows.sum()
     loss = total / n_valid.to(torch.float32) if reduction == "mean" else total
     if need_dw:
@@ -215,6 +216,39 @@ def _forward(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_r
     else:
         dweight = weight.new_empty(0)
     return loss, dx, dweight
+
+
+@register_workspace("linear_cross_entropy")
+def _workspace(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_rows, need_dx, need_dw,
+               check_targets=False):
+    """What `_forward` allocates on CUDA besides its outputs (loss, dx, dweight) and the fp32 dweight
+    accumulator's final cast, at its largest: inside one chunk."""
+    N, C = x.shape
+    V = weight.shape[0]
+    v_pad = -(-V // VOCAB_ALIGN) * VOCAB_ALIGN
+    rows = _chunk_rows(N, v_pad, chunk_rows)
+    work = [((N,), torch.float32)]  # per-row losses
+    if v_pad != V or weight.dtype != compute_dtype:  # the weight, zero-padded to v_pad rows
+        work.append(((v_pad, C), compute_dtype))
+    if x.dtype != compute_dtype:  # one chunk of x in the compute dtype
+        work.append(((rows, C), compute_dtype))
+    work.append(((rows, v_pad), compute_dtype))  # the chunk's logits, then their gradient
+    temps = []  # one at a time within a chunk: the larger counts
+    if need_dx:  # grad_logits @ w (rows, C), copied into dx
+        temps.append((rows, C))
+    if need_dw and compute_dtype != torch.float32 and not _OUT_DTYPE_ADDMM[0]:
+        # _accumulate_dw's fallback: a (v_pad, C) product in the compute dtype, then an fp32 add (fp32
+        # logits and addmm.dtype_out write into the accumulator directly: no temporary)
+        temps.append((v_pad, C))
+    if temps:
+        work.append((max(temps, key=lambda s: s[0] * s[1]), compute_dtype))
+    return work
+
+
+@register_autocast_args("linear_cross_entropy")
+def _autocast_args(args: dict, dtype: torch.dtype) -> dict:
+    # linear_cross_entropy computes in the autocast dtype under autocast
+    return dict(args, compute_dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------

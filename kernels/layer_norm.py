@@ -73,6 +73,7 @@ from ._launch import (
     on_tensor_device,
     next_pow2,
     aligned,
+    register_autocast_args,
     register_builds,
     signature,
     why_not,
@@ -458,6 +459,16 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+@register_autocast_args("layer_norm_fwd")
+def _autocast_args(args: dict, dtype: torch.dtype) -> dict:
+    # layer_norm writes its output in the autocast dtype (fp32 in, bf16 out); out_dtype None = x's dtype
+    return args if args["x"].dtype == dtype else dict(args, out_dtype=dtype)
+
+
+# layer_norm_bwd's workspace (per-program partial sums of dweight / dbias, 2 x G x C fp32 with G about
+# blocks per SM x SMs, a few MB) depends on the GPU's SM count and is not registered.
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
