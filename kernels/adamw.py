@@ -72,8 +72,8 @@ from ._launch import (Build, DtypeError, can_launch, check_dtypes, count_launch,
                       register_builds, signature, why_not)
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps (4 x 128-bit fp32 loads per tensor)
-# The interpreter pays ~10 ms per program whatever its size and runs each block as numpy arrays:
-# larger blocks there cut a tiny model's step from seconds of per-program overhead to a few programs.
+# The interpreter pays a fixed cost per program whatever its size and runs each block as numpy arrays:
+# larger blocks there turn a tiny model's thousands of programs into a few.
 INTERPRET_BLOCK = 1 << 16
 NUM_WARPS = 4
 

@@ -239,15 +239,14 @@ def _bwd_config(n: int, x_bytes: int, fp16: bool = False) -> tuple[int, int, int
     """(BLOCK_N, ROWS, num_warps, PREFETCH) of one iteration of the backward's row loop, for x of
     `x_bytes` per element: one row of >= 1024 elements (several short rows), 16 bytes of x a thread
     (4 fp32 or 8 bf16/fp16 elements: 128-bit loads of x). The kernel holds x, dy, the prefetched next
-    x and dy, the weight and two accumulators per element: 48-58 registers with an fp32 x, 72-80 with
-    a bf16 one (the compile report). At the forward's 16 elements a thread it was 111-128 registers,
-    exactly the 2-blocks-per-SM edge; 8 elements of fp32 x with a bf16 dy needed 105-108 and a
-    shared-memory layout conversion. GPT-2 widths, fp32 x: 768/1024 -> 1 x 1024 with 8 warps,
+    x and dy, the weight and two accumulators per element, so more elements a thread would cross the
+    2-blocks-per-SM register edge (register counts of this and the variants tried: docs/kernels.md,
+    "LayerNorm backward configs"). GPT-2 widths, fp32 x: 768/1024 -> 1 x 1024 with 8 warps,
     1280/1600 -> 1 x 2048 with 16; bf16 x: half the warps. Rows over 2048 take 4 elements a thread
-    whatever the dtype (8 bf16 needed 102-104 registers at 4096). 8192 -> 16 warps, 16 a thread,
-    without the prefetch (two tiles spill; at 32 warps a block may use only 64 registers a thread and
-    spills too): ~120 registers, one block per SM, which the occupancy-sized grid accounts for.
-    An fp16 x (`fp16`) takes 4 elements a thread like fp32: at 8, fp16 x and weight spill on sm_80."""
+    whatever the dtype. 8192 -> 16 warps, 16 a thread, without the prefetch (with it two tiles spill;
+    at 32 warps a block may use only 64 registers a thread): one block per SM, which the
+    occupancy-sized grid accounts for. An fp16 x (`fp16`) takes 4 elements a thread like fp32 (at 8,
+    fp16 x and weight spill on sm_80)."""
     block_n = _block_n(n)
     rows = min(max(1024 // block_n, 1), 16)
     tile = block_n * rows
