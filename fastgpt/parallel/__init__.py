@@ -4,7 +4,7 @@
     zero1.py  DDP + ZeroRedundancyOptimizer: AdamW moments sharded                      8 + 8/W
     fsdp.py   FSDP2 per Block and root: weights, gradients and moments sharded          16/W (+ blocks in flight)
 
-`STRATEGIES` maps each --shard name to its class, in `Strategy.order` (bench/memory.py models the same
+`STRATEGIES` maps each --shard name to its class, in `Strategy.order` (bench.memory models the same
 modes). Every module of this package is imported here and each Strategy subclass with a `name` registers
 itself, so adding a mode is adding one file. Checkpoints do not depend on the mode (common.py).
 """
