@@ -118,7 +118,7 @@ def _cache_dir() -> str:
 def _inspect_cubin(cubin: bytes, name: str) -> dict[str, int]:
     """cuobjdump's resource usage plus SASS instruction counts for one cubin.
 
-    `cuobjdump -sass` costs ~0.5 s a cubin (it starts nvdisasm); the answer depends only on the cubin's
+    `cuobjdump -sass` is slow per cubin (it starts nvdisasm); the answer depends only on the cubin's
     bytes, so it is cached next to Triton's own cache, keyed by the cubin's sha256 (and _INSPECT_VERSION).
     """
     key = hashlib.sha256(cubin + _INSPECT_VERSION).hexdigest()

@@ -7,7 +7,7 @@
 #   bash bench/run_gpu.sh --quick [gpu_check args]            # the budgeted <= 8-minute check: bench/gpu_check.py
 #
 # Environment knobs: FASTGPT_BENCH_MODEL (gpt2), FASTGPT_BENCH_BATCH (16), FASTGPT_BENCH_SEQ (1024),
-# FASTGPT_BENCH_WIDTHS (768,1024,1280,1600), FASTGPT_BENCH_COMPILE (1; 0 skips torch.compile variants),
+# FASTGPT_BENCH_WIDTHS (768,1024,1280,1600), FASTGPT_BENCH_DTYPE (bf16; fp16, fp32), FASTGPT_BENCH_COMPILE (1; 0 skips torch.compile variants),
 # FASTGPT_BENCH_STEPS (10 timed training steps), FASTGPT_PEAK_TFLOPS / FASTGPT_PEAK_TBPS (unknown GPUs).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,9 @@
 """Kernel benchmarks: fastgpt's Triton kernels against PyTorch eager and torch.compile.
 
-GPU shapes: GPT-2 widths 768/1024/1280/1600 (head dim 64), batch 16 x T 1024 rows, bf16 activations.
+GPU shapes: GPT-2 widths 768/1024/1280/1600 (head dim 64), batch 16 x T 1024 rows, bf16 activations
+(FASTGPT_BENCH_WIDTHS, FASTGPT_BENCH_DTYPE=bf16|fp16|fp32 change them). LayerNorm gets fp32 weights and
+bias (autocast's layout; PyTorch gets them in the activation dtype, which F.layer_norm requires); GELU
+runs on the MLP's (rows, 4C) hidden activation; each reports bytes moved for the effective bandwidth.
 CPU shapes: one small width, fp32 (CPU bf16 speed says nothing about GPUs); Triton and compile skip.
 `torch.compile` variants run on CUDA, or on the CPU with FASTGPT_BENCH_COMPILE=1.
 No benchmark asserts a time.
@@ -19,7 +22,10 @@ from bench import harness, roofline
 from bench.harness import HAS_CUDA
 
 DEV = harness.DEVICE
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+if HAS_CUDA and os.environ.get("FASTGPT_BENCH_DTYPE", "bf16") not in _DTYPES:
+    raise ValueError(f"FASTGPT_BENCH_DTYPE must be one of {', '.join(_DTYPES)}, got {os.environ['FASTGPT_BENCH_DTYPE']!r}")
+DTYPE = _DTYPES[os.environ.get("FASTGPT_BENCH_DTYPE", "bf16")] if HAS_CUDA else torch.float32
 COMPILE = os.environ.get("FASTGPT_BENCH_COMPILE", "1" if HAS_CUDA else "0") == "1"
 
 if HAS_CUDA:

@@ -45,7 +45,7 @@ def _triton_can_run(devices: tuple[str, ...]) -> bool:
     """Whether the kernels can run on tensors on `devices` (sorted device strings).
 
     Only one CUDA device, or the CPU under TRITON_INTERPRET=1, can; only then is `kernels` (and with it
-    triton, ~75 MiB and seconds of import) imported, so a CPU run never loads it. torch.compile calls
+    triton, a large and slow import) imported, so a CPU run never loads it. torch.compile calls
     this while tracing and bakes the answer into the graph, so the lazy import never lands inside a
     compiled region as a graph break.
     """
@@ -203,8 +203,8 @@ def make_optimizer(param_groups: Iterable[dict], lr: float, betas: tuple[float, 
     probe = first if first is not None else torch.empty(0, device=device_type)
     if use_triton(mode, probe):
         return _kernels().FusedAdamW(param_groups, lr=lr, betas=betas, eps=eps)
-    # torch's fused AdamW: one kernel per tensor instead of ~10 passes; on CPU it is 5x faster than the
-    # default for-loop (tiny 58 -> 10 ms, gpt2 0.94 -> 0.17 s per step on one thread). The fused kernel also
+    # torch's fused AdamW: one kernel per tensor instead of ~10 passes, on CPU too (faster than the default
+    # for-loop: docs/cpu.md, "Optimizer on the CPU"). The fused kernel also
     # honours AMP's `found_inf`: the trainer's device-side skip of a non-finite step (train.apply_update).
     extra = {"fused": True} if device_type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **extra)

@@ -286,11 +286,93 @@ def register_builds(fn: Callable[[], list[Build]]) -> Callable[[], list[Build]]:
     return fn
 
 
+def constexpr_flags(fn) -> list[bool]:
+    """Per argument of the @triton.jit `fn`: is it `tl.constexpr`? (A compiled JITFunction has `params`;
+    under TRITON_INTERPRET=1 the wrapper has none, so the Python function's annotations are read.)"""
+    if hasattr(fn, "params"):
+        return [bool(p.is_constexpr) for p in fn.params]
+    import triton.language as tl
+
+    params = inspect.signature(fn.fn).parameters.values()
+    return [p.annotation is tl.constexpr or "constexpr" in str(p.annotation) for p in params]
+
+
+def signature(fn, types: dict[str, str], default: str | None = None) -> dict[str, str]:
+    """The compile signature of the @triton.jit `fn`, in its argument order, derived from the kernel.
+
+    Argument names and which of them are `tl.constexpr` come from `fn` itself (`arg_names`, `params`);
+    `types` gives the Triton type of the other arguments by name ("*bf16", "fp32", ...), `default` the
+    type of any not named (the kernels' ints: "i32"). A name in `types` the kernel does not have, or an
+    argument with no type, raises: renaming a kernel argument cannot leave a stale signature behind."""
+    unknown = set(types) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no argument(s) {sorted(unknown)}; its arguments: {fn.arg_names}")
+    sig = {}
+    for name, is_constexpr in zip(fn.arg_names, constexpr_flags(fn)):
+        if is_constexpr:
+            sig[name] = "constexpr"
+        elif name in types or default is not None:
+            sig[name] = types.get(name, default)
+        else:
+            raise ValueError(f"{fn.__name__}: no type for argument {name!r}")
+    return sig
+
+
+def aligned(fn, *names: str) -> dict:
+    """Divisibility-by-16 hints (what runtime specialisation gives 16-byte aligned pointers and
+    multiples of 16) for the named arguments of `fn`, keyed as `Build.attrs` wants."""
+    unknown = set(names) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no argument(s) {sorted(unknown)}")
+    return {name: [["tt.divisibility", 16]] for name in names}
+
+
 def all_builds() -> list[Build]:
     out: list[Build] = []
     for fn in _BUILDERS:
         out.extend(fn())
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Registry of what a custom op holds besides its outputs, for the memory model (bench.memory).
+# --------------------------------------------------------------------------------------------
+Block = tuple[tuple[int, ...], torch.dtype]  # one allocation: shape, dtype
+_WORKSPACES: dict[str, Callable[..., list[Block]]] = {}
+_AUTOCAST_ARGS: dict[str, Callable[..., dict]] = {}
+
+
+def register_workspace(op: str):
+    """Decorator: `fn(**args) -> [(shape, dtype), ...]`, the blocks the fastgpt::`op` implementation
+    allocates inside and frees before returning, at its largest, for the op's arguments by schema name
+    (tensors carry shape and dtype only: the memory model calls it on fake tensors). A fake
+    implementation allocates only the outputs, so this is what a memory model must add around a call."""
+    def deco(fn):
+        _WORKSPACES[op] = fn
+        return fn
+    return deco
+
+
+def register_autocast_args(op: str):
+    """Decorator: `fn(args: dict, dtype) -> dict`, the arguments the public function passes fastgpt::`op`
+    under CUDA autocast to `dtype` (it reads torch's autocast state, which a memory model running CPU
+    fake tensors cannot set for CUDA)."""
+    def deco(fn):
+        _AUTOCAST_ARGS[op] = fn
+        return fn
+    return deco
+
+
+def workspace(op: str, args: dict) -> list[Block]:
+    """The registered workspace blocks of fastgpt::`op` for `args` (none registered: none)."""
+    fn = _WORKSPACES.get(op)
+    return fn(**args) if fn is not None else []
+
+
+def autocast_args(op: str, args: dict, dtype: torch.dtype) -> dict:
+    """`args` as the public function would pass them under CUDA autocast to `dtype`."""
+    fn = _AUTOCAST_ARGS.get(op)
+    return fn(dict(args), dtype) if fn is not None else args
 
 
 TORCH_TO_TRITON = {

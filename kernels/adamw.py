@@ -69,11 +69,11 @@ import triton
 import triton.language as tl
 
 from ._launch import (Build, DtypeError, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device,
-                      register_builds, why_not)
+                      register_builds, signature, why_not)
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps (4 x 128-bit fp32 loads per tensor)
-# The interpreter pays ~10 ms per program whatever its size and runs each block as numpy arrays:
-# larger blocks there cut a tiny model's step from seconds of per-program overhead to a few programs.
+# The interpreter pays a fixed cost per program whatever its size and runs each block as numpy arrays:
+# larger blocks there turn a tiny model's thousands of programs into a few.
 INTERPRET_BLOCK = 1 << 16
 NUM_WARPS = 4
 
@@ -557,16 +557,15 @@ def adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, lrs, weight_decay
 # --------------------------------------------------------------------------------------------
 @register_builds
 def _builds() -> list[Build]:
-    sig = {"table_ptr": "*i64", "goffs_ptr": "*i64", "blocks_ptr": "*i64", "hyper_ptr": "*fp64", "base_ptr": "*fp32",
-           "grad_base_ptr": "*fp32", "found_inf_ptr": "*fp32", "step_delta": "i32", "ALIGNED": "constexpr",
-           "BLOCK": "constexpr"}
+    types = {"table_ptr": "*i64", "goffs_ptr": "*i64", "blocks_ptr": "*i64", "hyper_ptr": "*fp64", "base_ptr": "*fp32",
+             "found_inf_ptr": "*fp32"}
     # every pointer argument is a torch allocation: 16-byte aligned (the launcher only passes
     # aligned bases with ALIGNED=True)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
     out = []
     for gdt in ("fp32", "bf16", "fp16"):  # _GRAD_DTYPES
         for aligned in (True, False):
-            s = dict(sig, grad_base_ptr=f"*{gdt}")
+            s = signature(_adamw_kernel, dict(types, grad_base_ptr=f"*{gdt}"), default="i32")
             out.append(Build(kernel="adamw", fn=_adamw_kernel, signature=s,
                              constexprs={"ALIGNED": aligned, "BLOCK": BLOCK}, num_warps=NUM_WARPS, num_stages=1,
                              config=f"grad {gdt} {'aligned' if aligned else 'unaligned-fallback'} "

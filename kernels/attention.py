@@ -755,7 +755,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE): O (B, H, T, D) in q's dtype, LSE (B, H, T) fp32."""
     # The launch check lives here, not in `attention`, so fake tensors (torch.compile tracing,
-    # bench/memory.py's CPU fake tensors standing in for CUDA ones) reach the fake implementation.
+    # bench.memory's CPU fake tensors standing in for CUDA ones) reach the fake implementation.
     if not can_launch(q, k, v):
         raise RuntimeError(f"kernels.attention cannot run: {why_not(q, k, v)}")
     if q.is_cuda and attention_route(q.device) != "triton":

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._launch import Build, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device, register_builds, why_not
+from ._launch import (Build, can_launch, check_dtypes, count_launch, interpreting, on_tensor_device, register_autocast_args,
+                      register_builds, register_workspace, signature, why_not)
 
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (rows x V_pad)
 VOCAB_ALIGN = 64
@@ -207,6 +208,7 @@ def _forward(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_r
             dx[s:e] = logits @ w
         if need_dw:
             _accumulate_dw(dw, logits, xc)
+        del logits, xc  # else the next chunk's logits are computed while this chunk's are still held
     total = loss_rows.sum()
     loss = total / n_valid.to(torch.float32) if reduction == "mean" else total
     if need_dw:
@@ -214,6 +216,39 @@ def _forward(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_r
     else:
         dweight = weight.new_empty(0)
     return loss, dx, dweight
+
+
+@register_workspace("linear_cross_entropy")
+def _workspace(x, weight, targets, ignore_index, reduction, compute_dtype, chunk_rows, need_dx, need_dw,
+               check_targets=False):
+    """What `_forward` allocates on CUDA besides its outputs (loss, dx, dweight) and the fp32 dweight
+    accumulator's final cast, at its largest: inside one chunk."""
+    N, C = x.shape
+    V = weight.shape[0]
+    v_pad = -(-V // VOCAB_ALIGN) * VOCAB_ALIGN
+    rows = _chunk_rows(N, v_pad, chunk_rows)
+    work = [((N,), torch.float32)]  # per-row losses
+    if v_pad != V or weight.dtype != compute_dtype:  # the weight, zero-padded to v_pad rows
+        work.append(((v_pad, C), compute_dtype))
+    if x.dtype != compute_dtype:  # one chunk of x in the compute dtype
+        work.append(((rows, C), compute_dtype))
+    work.append(((rows, v_pad), compute_dtype))  # the chunk's logits, then their gradient
+    temps = []  # one at a time within a chunk: the larger counts
+    if need_dx:  # grad_logits @ w (rows, C), copied into dx
+        temps.append((rows, C))
+    if need_dw and compute_dtype != torch.float32 and not _OUT_DTYPE_ADDMM[0]:
+        # _accumulate_dw's fallback: a (v_pad, C) product in the compute dtype, then an fp32 add (fp32
+        # logits and addmm.dtype_out write into the accumulator directly: no temporary)
+        temps.append((v_pad, C))
+    if temps:
+        work.append((max(temps, key=lambda s: s[0] * s[1]), compute_dtype))
+    return work
+
+
+@register_autocast_args("linear_cross_entropy")
+def _autocast_args(args: dict, dtype: torch.dtype) -> dict:
+    # linear_cross_entropy computes in the autocast dtype under autocast
+    return dict(args, compute_dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,9 +351,8 @@ def linear_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, target
 def _builds() -> list[Build]:
     out = []
     for dt in ("bf16", "fp32", "fp16"):
-        sig = {"logits_ptr": f"*{dt}", "stride_row": "i32", "targets_ptr": "*i64", "loss_ptr": "*fp32",
-               "scale_ptr": "*fp32", "n_cols": "i32", "ignore_index": "i32", "WRITE_GRAD": "constexpr",
-               "BLOCK_V": "constexpr", "ROUND_BF16": "constexpr"}
+        sig = signature(_ce_loss_grad_kernel, {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "loss_ptr": "*fp32",
+                                               "scale_ptr": "*fp32"}, default="i32")
         # what runtime specialisation gives at GPT-2's vocab: aligned pointers, row stride
         # V_pad = 50304 divisible by 16; n_cols = 50257 carries no hint
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}

@@ -72,7 +72,10 @@ from ._launch import (
     count_launch,
     on_tensor_device,
     next_pow2,
+    aligned,
+    register_autocast_args,
     register_builds,
+    signature,
     why_not,
 )
 
@@ -236,15 +239,14 @@ def _bwd_config(n: int, x_bytes: int, fp16: bool = False) -> tuple[int, int, int
     """(BLOCK_N, ROWS, num_warps, PREFETCH) of one iteration of the backward's row loop, for x of
     `x_bytes` per element: one row of >= 1024 elements (several short rows), 16 bytes of x a thread
     (4 fp32 or 8 bf16/fp16 elements: 128-bit loads of x). The kernel holds x, dy, the prefetched next
-    x and dy, the weight and two accumulators per element: 48-58 registers with an fp32 x, 72-80 with
-    a bf16 one (the compile report). At the forward's 16 elements a thread it was 111-128 registers,
-    exactly the 2-blocks-per-SM edge; 8 elements of fp32 x with a bf16 dy needed 105-108 and a
-    shared-memory layout conversion. GPT-2 widths, fp32 x: 768/1024 -> 1 x 1024 with 8 warps,
+    x and dy, the weight and two accumulators per element, so more elements a thread would cross the
+    2-blocks-per-SM register edge (register counts of this and the variants tried: docs/kernels.md,
+    "LayerNorm backward configs"). GPT-2 widths, fp32 x: 768/1024 -> 1 x 1024 with 8 warps,
     1280/1600 -> 1 x 2048 with 16; bf16 x: half the warps. Rows over 2048 take 4 elements a thread
-    whatever the dtype (8 bf16 needed 102-104 registers at 4096). 8192 -> 16 warps, 16 a thread,
-    without the prefetch (two tiles spill; at 32 warps a block may use only 64 registers a thread and
-    spills too): ~120 registers, one block per SM, which the occupancy-sized grid accounts for.
-    An fp16 x (`fp16`) takes 4 elements a thread like fp32: at 8, fp16 x and weight spill on sm_80."""
+    whatever the dtype. 8192 -> 16 warps, 16 a thread, without the prefetch (with it two tiles spill;
+    at 32 warps a block may use only 64 registers a thread): one block per SM, which the
+    occupancy-sized grid accounts for. An fp16 x (`fp16`) takes 4 elements a thread like fp32 (at 8,
+    fp16 x and weight spill on sm_80)."""
     block_n = _block_n(n)
     rows = min(max(1024 // block_n, 1), 16)
     tile = block_n * rows
@@ -458,6 +460,16 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+@register_autocast_args("layer_norm_fwd")
+def _autocast_args(args: dict, dtype: torch.dtype) -> dict:
+    # layer_norm writes its output in the autocast dtype (fp32 in, bf16 out); out_dtype None = x's dtype
+    return args if args["x"].dtype == dtype else dict(args, out_dtype=dtype)
+
+
+# layer_norm_bwd's workspace (per-program partial sums of dweight / dbias, 2 x G x C fp32 with G about
+# blocks per SM x SMs, a few MB) depends on the GPU's SM count and is not registered.
+
+
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension, == F.layer_norm(x, (N,), weight, bias, eps); weight and bias may
@@ -495,11 +507,6 @@ _DTYPES = ((torch.float32, torch.float32, torch.float32), (torch.float32, torch.
            (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
            (torch.float32, torch.float32, torch.float16), (torch.float16, torch.float32, torch.float16),
            (torch.float16, torch.float16, torch.float16))
-_ALIGNED = [["tt.divisibility", 16]]  # what the JIT infers for 16-byte aligned pointers / ints % 16 == 0
-
-
-def _aligned(*names: str) -> dict:
-    return {name: _ALIGNED for name in names}
 
 
 @register_builds
@@ -518,40 +525,36 @@ def _builds() -> list[Build]:
                 block_n, rows, warps = _row_config(n)
                 out.append(Build(
                     kernel="layer_norm_fwd", fn=_layer_norm_fwd_kernel,
-                    signature={"X": f"*{xt}", "W": f"*{wt}", "B": f"*{wt}", "Y": f"*{yt}", "Mean": "*fp32",
-                               "Rstd": "*fp32", "stride_x": "i32", "stride_y": "i32", "M": "i32", "N": "i32",
-                               "eps": "fp32", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
-                               "BLOCK_N": "constexpr", "ROWS": "constexpr"},
+                    signature=signature(_layer_norm_fwd_kernel, {
+                        "X": f"*{xt}", "W": f"*{wt}", "B": f"*{wt}", "Y": f"*{yt}", "Mean": "*fp32", "Rstd": "*fp32",
+                        "eps": "fp32"}, default="i32"),
                     constexprs={"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "BLOCK_N": block_n, "ROWS": rows},
                     num_warps=warps, num_stages=1, config=f"{label} ROWS={rows} BLOCK_N={block_n} w{warps}",
-                    attrs=_aligned("X", "W", "B", "Y", "Mean", "Rstd", "stride_x", "stride_y", "N"),
+                    attrs=aligned(_layer_norm_fwd_kernel, "X", "W", "B", "Y", "Mean", "Rstd", "stride_x", "stride_y", "N"),
                 ))
                 block_n, rows, warps, prefetch = _bwd_config(n, xd.itemsize, xd == torch.float16)
                 out.append(Build(
                     kernel="layer_norm_bwd", fn=_layer_norm_bwd_kernel,
-                    signature={"DY": f"*{yt}", "X": f"*{xt}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",
-                               "DX": f"*{xt}", "PartW": "*fp32", "PartB": "*fp32", "stride_dy": "i32",
-                               "stride_x": "i32", "stride_dx": "i32", "M": "i32", "N": "i32",
-                               "rows_per_prog": "i32", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
-                               "BLOCK_N": "constexpr", "ROWS": "constexpr", "PREFETCH": "constexpr"},
+                    signature=signature(_layer_norm_bwd_kernel, {
+                        "DY": f"*{yt}", "X": f"*{xt}", "W": f"*{wt}", "Mean": "*fp32", "Rstd": "*fp32",
+                        "DX": f"*{xt}", "PartW": "*fp32", "PartB": "*fp32"}, default="i32"),
                     constexprs={"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "BLOCK_N": block_n, "ROWS": rows,
                                 "PREFETCH": prefetch},
                     num_warps=warps, num_stages=1,
                     config=f"{label} ROWS={rows} BLOCK_N={block_n} w{warps}" + ("" if prefetch else " no-prefetch"),
-                    attrs=_aligned("DY", "X", "W", "Mean", "Rstd", "DX", "PartW", "PartB",
+                    attrs=aligned(_layer_norm_bwd_kernel, "DY", "X", "W", "Mean", "Rstd", "DX", "PartW", "PartB",
                                    "stride_dy", "stride_x", "stride_dx", "N"),
                 ))
     for has_weight, has_bias in ((True, True), (True, False)):
         out.append(Build(
             kernel="layer_norm_dwdb", fn=_layer_norm_dwdb_kernel,
-            signature={"PartW": "*fp32", "PartB": "*fp32", "DW": "*fp32", "DB": "*fp32", "G": "i32", "N": "i32",
-                       "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_G": "constexpr",
-                       "BLOCK_C": "constexpr"},
+            signature=signature(_layer_norm_dwdb_kernel, dict.fromkeys(("PartW", "PartB", "DW", "DB"), "*fp32"),
+                                default="i32"),
             constexprs={"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "BLOCK_G": _DWDB_BLOCK_G,
                         "BLOCK_C": _DWDB_BLOCK_C},
             num_warps=_DWDB_WARPS, num_stages=1,
             config=f"fp32 BLOCK_G={_DWDB_BLOCK_G} BLOCK_C={_DWDB_BLOCK_C} w{_DWDB_WARPS} (any N % 16 == 0)"
                    + ("" if has_bias else " no-bias"),
-            attrs=_aligned("PartW", "PartB", "DW", "DB", "N"),
+            attrs=aligned(_layer_norm_dwdb_kernel, "PartW", "PartB", "DW", "DB", "N"),
         ))
     return out

@@ -336,3 +336,38 @@ def test_kernel_warm_up_runs_under_fsdp(tmp_path, monkeypatch):
         assert logs and logs[-1].startswith("kernel warm-up")
     finally:
         dist.destroy_process_group()
+
+
+def test_strategies_are_the_package_modules_strategy_classes(tmp_path, monkeypatch):
+    """STRATEGIES holds exactly the Strategy subclasses the package's modules define, in --shard order; a new
+    module file in a package is picked up by the same discovery, with nothing else to edit."""
+    import importlib
+    import inspect
+    import pkgutil
+    import sys
+
+    from fastgpt import parallel
+    from fastgpt.parallel import common
+
+    defined = {}
+    for info in pkgutil.iter_modules(parallel.__path__):
+        mod = importlib.import_module(f"fastgpt.parallel.{info.name}")
+        for _, cls in inspect.getmembers(mod, inspect.isclass):
+            if issubclass(cls, parallel.Strategy) and cls.__module__ == mod.__name__ and cls.__dict__.get("name"):
+                defined[cls.name] = cls
+    assert parallel.STRATEGIES == defined
+    assert tuple(parallel.STRATEGIES) == parallel.SHARD_MODES == ("ddp", "zero1", "fsdp")
+
+    pkg = tmp_path / "morepar"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tp.py").write_text("from fastgpt.parallel import Strategy\n\n\nclass TP(Strategy):\n"
+                               "    name = 'tp'\n    order = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(common, "REGISTRY", dict(common.REGISTRY))
+    try:
+        parallel.import_modules("morepar", [str(pkg)])
+        assert tuple(parallel.discovered()) == ("ddp", "zero1", "fsdp", "tp")
+    finally:
+        sys.modules.pop("morepar.tp", None)
+        sys.modules.pop("morepar", None)

@@ -4,17 +4,36 @@
     zero1.py  DDP + ZeroRedundancyOptimizer: AdamW moments sharded                      8 + 8/W
     fsdp.py   FSDP2 per Block and root: weights, gradients and moments sharded          16/W (+ blocks in flight)
 
-`STRATEGIES` maps each --shard name to its class (bench/memory.py models the same modes); adding a mode is
-adding one file and its line here. Checkpoints do not depend on the mode (common.py).
+`STRATEGIES` maps each --shard name to its class, in `Strategy.order` (bench.memory models the same
+modes). Every module of this package is imported here and each Strategy subclass with a `name` registers
+itself, so adding a mode is adding one file. Checkpoints do not depend on the mode (common.py).
 """
 from __future__ import annotations
 
-from .common import Strategy, check_same_start, to_cpu
-from .ddp import DDP
-from .fsdp import FSDP, fully_shard_gpt
-from .zero1 import Zero1
+import importlib
+import pkgutil
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (DDP, Zero1, FSDP)}
+from . import common
+from .common import Strategy, check_same_start, to_cpu
+
+
+def import_modules(package: str, path) -> None:
+    """Import every module of `package` (at `path`), so the Strategy subclasses they define register."""
+    for info in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{info.name}")
+
+
+def discovered() -> dict[str, type[Strategy]]:
+    """The registered strategies, by --shard name, in their `order` (then name)."""
+    return {s.name: s for s in sorted(common.REGISTRY.values(), key=lambda s: (s.order, s.name))}
+
+
+import_modules(__name__, __path__)
+from .ddp import DDP  # noqa: E402  (imported above; named for callers)
+from .fsdp import FSDP, fully_shard_gpt  # noqa: E402
+from .zero1 import Zero1  # noqa: E402
+
+STRATEGIES: dict[str, type[Strategy]] = discovered()
 SHARD_MODES = tuple(STRATEGIES)
 
 

@@ -14,6 +14,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+REGISTRY: dict[str, type] = {}  # --shard name -> Strategy subclass, filled as their modules are imported
+
+
 class Strategy:
     """How W ranks share one model (--shard). One subclass per mode, one file each (ddp.py, zero1.py, fsdp.py);
     with one rank every mode trains the plain model. The loop calls only these methods:
@@ -25,7 +28,15 @@ class Strategy:
         load_optimizer_state(raw, optimizer, state), inner(optimizer), describe(cuda)
     """
 
-    name = ""
+    name = ""  # the --shard value; a subclass that sets one registers itself in REGISTRY
+    order = 0  # position among the --shard choices (least to most sharded), so they do not follow file names
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("name"):
+            if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+                raise ValueError(f"two Strategy classes for --shard {cls.name}: {REGISTRY[cls.name]} and {cls}")
+            REGISTRY[cls.name] = cls
 
     def __init__(self, world: int):
         self.world = world

@@ -10,6 +10,7 @@ from .common import Strategy
 
 class DDP(Strategy):
     name = "ddp"
+    order = 0
 
     def describe(self, cuda: bool) -> str:
         return f"sharding: ddp over {self.world} ranks (every rank holds the full model and AdamW state)"

@@ -19,7 +19,7 @@ from .common import Strategy, _retie, optimizer_kwargs, regroup, to_cpu
 
 def fully_shard_gpt(raw: nn.Module, mesh, param_dtype: torch.dtype | None) -> None:
     """FSDP2 in place over a 1-D device mesh: one group per transformer Block, the rest (wte = lm_head, wpe,
-    ln_f) in the root's. bench/memory.py calls it on fake tensors."""
+    ln_f) in the root's. bench.memory calls it on fake tensors."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
@@ -30,6 +30,7 @@ def fully_shard_gpt(raw: nn.Module, mesh, param_dtype: torch.dtype | None) -> No
 
 class FSDP(Strategy):
     name = "fsdp"
+    order = 2
 
     def describe(self, cuda: bool) -> str:
         mp = "weights gathered in bf16, gradients reduced in fp32" if cuda else "fp32"

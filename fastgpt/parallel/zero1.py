@@ -22,6 +22,7 @@ def zero_class():
 
 class Zero1(DDP):
     name = "zero1"
+    order = 1
 
     def describe(self, cuda: bool) -> str:
         return f"sharding: zero1 over {self.world} ranks (DDP; AdamW state sharded by ZeroRedundancyOptimizer)"
