@@ -6,7 +6,10 @@ chunks of all shards are numbered in one sequence 0..C-1. The loader walks a glo
 
 - `sequential`: the identity (today's order: shard 0 front to back, then shard 1, ...);
 - `shuffled`: a permutation of 0..C-1 drawn from numpy's PCG64 seeded with (seed, e), a new one
-  each epoch, so every chunk is still read exactly once per epoch.
+  each epoch, so every chunk is still read exactly once per epoch;
+- `windows`: nanoGPT's sampler: each of the B rows of index i starts at a random token position of the
+  split (any of the sum over shards of len-T starts), drawn from PCG64 seeded with (seed, i) alone, so
+  a resume or another world size reads the same windows; an "epoch" is C indices, for the state only.
 
 Rank r of a world of W ranks reads indices r, r+W, r+2W, ...: a step of W ranks reads exactly the
 chunks one process would read in W consecutive micro-steps, so the data of a run does not depend on
@@ -28,7 +31,7 @@ import torch
 
 from .shards import DataError, find_shards, load_shard, numbering_gaps, open_shard, read_manifest, record_checked
 
-DATA_ORDERS = ("shuffled", "sequential")
+DATA_ORDERS = ("shuffled", "sequential", "windows")
 _OPEN_MAPS = 4  # memory maps a loader keeps open at once (a rank reads one shard at a time in order)
 
 
@@ -59,6 +62,8 @@ class ShardLoader:
         counts = [(n - 1) // (B * T) for n in lengths]  # whole chunks per shard
         self.starts = np.cumsum([0] + counts).tolist()  # chunk index where each shard begins
         self.total = self.starts[-1]
+        # windows: window starts per shard (a window is T+1 tokens), numbered across shards
+        self.wstarts = np.cumsum([0] + [max(n - T, 0) for n in lengths]).tolist()
         self.next = 0  # the global index rank 0 reads next; rank r reads next + r
         self._maps: dict[int, np.ndarray] = {}
         self._perm_epoch, self._perm = -1, None
@@ -85,13 +90,29 @@ class ShardLoader:
         return self._maps[k]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shard, pos = self._locate(self._chunk(self.next + self.rank))
+        index = self.next + self.rank
         self.next += self.world
+        if self.order == "windows":
+            return self._windows(index)
+        shard, pos = self._locate(self._chunk(index))
         n = self.B * self.T
         buf = torch.from_numpy(self._shard(shard)[pos:pos + n + 1].astype(np.int64))
         if self.pin_memory:
             buf = buf.pin_memory()
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+    def _windows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """B windows of T+1 tokens at random starts, (B, T+1) -> x, y of (B, T)."""
+        starts = np.random.default_rng([self.seed, index]).integers(0, self.wstarts[-1], size=self.B)
+        rows = []
+        for w in starts.tolist():
+            shard = bisect.bisect_right(self.wstarts, w) - 1
+            pos = w - self.wstarts[shard]
+            rows.append(self._shard(shard)[pos:pos + self.T + 1].astype(np.int64))
+        buf = torch.from_numpy(np.stack(rows))
+        if self.pin_memory:
+            buf = buf.pin_memory()
+        return buf[:, :-1], buf[:, 1:]
 
     def reset(self) -> None:
         self.next = 0
