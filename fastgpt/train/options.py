@@ -71,7 +71,7 @@ class TrainConfig:
     """Every `train.py` flag. Defaults follow the training guide."""
 
     data_root: str = flag("shakespeare_data", "directory with train_*.npy / val_*.npy token shards")
-    data_order: str = flag("sequential", "train chunks in order (sequential) or in a seeded permutation per epoch "
+    data_order: str = flag("sequential", "train chunks in order (sequential), in a seeded permutation per epoch "
                                          "(shuffled)", choices=data_order_choices)
     recipe: str | None = flag(None, "fill the flags not given from a named recipe (gpt2-124m-fineweb: build-nanogpt's "
                                     "124M run)", choices=recipe_choices)
