@@ -97,14 +97,15 @@ def _epoch(loader):
 
 
 def test_shuffled_reads_every_chunk_once_per_epoch_in_a_new_order(sharded):
-    seq = ShardLoader(sharded, "train", 2, 32, verbose=False)
-    shuf = ShardLoader(sharded, "train", 2, 32, verbose=False, order="shuffled", seed=3)
+    # B=1: a batch is one row, so an epoch of the shuffled order is `total` batches
+    seq = ShardLoader(sharded, "train", 1, 32, verbose=False)
+    shuf = ShardLoader(sharded, "train", 1, 32, verbose=False, order="shuffled", seed=3)
     first = [int(seq.next_batch()[0][0, 0]) for _ in range(seq.total)]
     e0, e1 = _epoch(shuf), _epoch(shuf)
     assert sorted(e0) == sorted(e1) == sorted(first) and e0 != first and e0 != e1
-    other = ShardLoader(sharded, "train", 2, 32, verbose=False, order="shuffled", seed=4)
+    other = ShardLoader(sharded, "train", 1, 32, verbose=False, order="shuffled", seed=4)
     assert _epoch(other) != e0
-    again = ShardLoader(sharded, "train", 2, 32, verbose=False, order="shuffled", seed=3)
+    again = ShardLoader(sharded, "train", 1, 32, verbose=False, order="shuffled", seed=3)
     assert _epoch(again) == e0
 
 
@@ -197,3 +198,14 @@ def test_windows_are_random_starts_across_shards_and_resume_exactly(sharded):
     c = ShardLoader(sharded, "train", B, T, verbose=False, order="windows", seed=3)
     assert not torch.equal(c.next_batch()[0], ShardLoader(sharded, "train", B, T, verbose=False,
                                                           order="windows", seed=2).next_batch()[0])
+
+
+@pytest.mark.parametrize("order", ["shuffled", "windows"])
+def test_a_micro_batch_split_over_ranks_reads_the_same_rows(sharded, order):
+    """The CPU defaults split B=8 into B=4 on each of 2 ranks: the step's rows must stay the same."""
+    T = 16
+    one = ShardLoader(sharded, "train", 8, T, verbose=False, order=order, seed=7)
+    two = [ShardLoader(sharded, "train", 4, T, rank=r, world=2, verbose=False, order=order, seed=7) for r in range(2)]
+    for _ in range(60):  # past an epoch of rows (185 of 16 tokens)
+        x1, _ = one.next_batch()
+        assert torch.equal(x1, torch.cat([two[0].next_batch()[0], two[1].next_batch()[0]]))
