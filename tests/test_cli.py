@@ -53,7 +53,7 @@ def test_train_on_cpu_picks_the_cpu_preset_and_says_so(workdir):
     assert lines[0].startswith("no data in 'shakespeare_data': preparing the Tiny Shakespeare packaged with")
     assert lines[1] == "Saved 304,222 train tokens and 33,803 val tokens"
     assert lines[2:5] == ["found 1 shards for split train", "found 1 shards for split val", "using device: cpu"]
-    assert sorted(p.name for p in (d / "shakespeare_data").iterdir()) == ["manifest.json", "train_00000.npy", "val_00000.npy"]
+    assert sorted(p.name for p in (d / "shakespeare_data").iterdir()) == [".prepare.lock", "manifest.json", "train_00000.npy", "val_00000.npy"]
     assert "no GPU: using the CPU-sized preset 'tiny'" in out and "--model gpt2" in out
     assert "step 0 | loss: 10." in out and "val loss " in out
     assert "sample at step 1:\nROMEO:" in out  # a run ends with a sample of what it learned

@@ -107,7 +107,7 @@ def test_default_data_is_prepared_only_when_missing(tmp_path, capsys):
     assert data.prepare_default_data(root) is True
     out = capsys.readouterr().out
     assert "preparing the Tiny Shakespeare packaged with fastgpt" in out and "Saved 304,222 train tokens" in out
-    assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "train_00000.npy", "val_00000.npy"]
+    assert sorted(p.name for p in root.iterdir()) == [".prepare.lock", "manifest.json", "train_00000.npy", "val_00000.npy"]
     np.save(root / "val_00000.npy", np.arange(100, dtype=np.uint16))  # the user's own shards are kept
     assert data.prepare_default_data(root) is False
     assert len(np.load(root / "val_00000.npy")) == 100 and capsys.readouterr().out == ""
@@ -246,3 +246,37 @@ def test_loader_state_resumes_exactly(sharded):
         assert torch.equal(a.next_batch()[0], b.next_batch()[0])
     with pytest.raises(DataError, match="shard 9"):
         b.load_state_dict({"shard": 9, "position": 0})
+
+
+# Each process starts its preparation at the same moment (a barrier), as two `train.py` runs started at once.
+_RACER = """
+import sys, time
+from fastgpt import data
+start = float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.001)
+data.prepare_default_data(sys.argv[1])
+"""
+
+
+def test_default_data_prepared_once_by_two_processes_at_once(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "shakespeare_data"
+    start = time.time() + 3.0  # both interpreters are up by then
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(root), str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    prepared = [o for o in outs if "Saved 304,222 train tokens and 33,803 val tokens" in o]
+    waited = [o for o in outs if "waiting for it" in o and "using its shards" in o]
+    assert len(prepared) == 1 and len(waited) == 1, outs  # one prepared, the other said it waited
+    assert sorted(p.name for p in root.iterdir()) == [".prepare.lock", "manifest.json", "train_00000.npy", "val_00000.npy"]
+    ref = tmp_path / "ref"
+    data.prepare_shakespeare(None, ref)
+    for name in ("train_00000.npy", "val_00000.npy"):
+        assert (root / name).read_bytes() == (ref / name).read_bytes()
+    train = ShardLoader(root, "train", 4, 8, 0, 1, V)  # the manifest vouches for the shards: they load
+    assert train.next_batch()[0].shape == (4, 8)

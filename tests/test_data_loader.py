@@ -97,21 +97,23 @@ def _epoch(loader):
 
 
 def test_shuffled_reads_every_chunk_once_per_epoch_in_a_new_order(sharded):
-    seq = ShardLoader(sharded, "train", 2, 32, verbose=False)
-    shuf = ShardLoader(sharded, "train", 2, 32, verbose=False, order="shuffled", seed=3)
+    # B=1: a batch is one row, so an epoch of the shuffled order is `total` batches
+    seq = ShardLoader(sharded, "train", 1, 32, verbose=False)
+    shuf = ShardLoader(sharded, "train", 1, 32, verbose=False, order="shuffled", seed=3)
     first = [int(seq.next_batch()[0][0, 0]) for _ in range(seq.total)]
     e0, e1 = _epoch(shuf), _epoch(shuf)
     assert sorted(e0) == sorted(e1) == sorted(first) and e0 != first and e0 != e1
-    other = ShardLoader(sharded, "train", 2, 32, verbose=False, order="shuffled", seed=4)
+    other = ShardLoader(sharded, "train", 1, 32, verbose=False, order="shuffled", seed=4)
     assert _epoch(other) != e0
-    again = ShardLoader(sharded, "train", 2, 32, verbose=False, order="shuffled", seed=3)
+    again = ShardLoader(sharded, "train", 1, 32, verbose=False, order="shuffled", seed=3)
     assert _epoch(again) == e0
 
 
-def test_shuffled_ranks_read_the_chunks_one_process_reads(sharded):
+@pytest.mark.parametrize("order", ["shuffled", "windows"])
+def test_shuffled_ranks_read_the_chunks_one_process_reads(sharded, order):
     B, T, W = 2, 32, 2
-    single = ShardLoader(sharded, "train", B, T, verbose=False, order="shuffled", seed=1)
-    ranks = [ShardLoader(sharded, "train", B, T, rank=r, world=W, verbose=False, order="shuffled", seed=1)
+    single = ShardLoader(sharded, "train", B, T, verbose=False, order=order, seed=1)
+    ranks = [ShardLoader(sharded, "train", B, T, rank=r, world=W, verbose=False, order=order, seed=1)
              for r in range(W)]
     for _ in range(20):  # across epochs
         for r in range(W):
@@ -146,7 +148,7 @@ _RESUMER = textwrap.dedent("""
     import sys, torch
     from fastgpt.data import ShardLoader
     root, state_file, out, steps, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-    ld = ShardLoader(root, "train", 2, 32, verbose=False, order="shuffled", seed=9)
+    ld = ShardLoader(root, "train", 2, 32, verbose=False, order=sys.argv[6], seed=9)
     import os
     if os.path.exists(state_file):
         ld.load_state_dict(torch.load(state_file, weights_only=True))
@@ -160,11 +162,13 @@ _RESUMER = textwrap.dedent("""
 """)
 
 
-def test_shuffled_order_survives_kill_9(sharded, tmp_path):
+@pytest.mark.parametrize("order", ["shuffled", "windows"])
+def test_shuffled_order_survives_kill_9(sharded, tmp_path, order):
     """A process killed with SIGKILL after saving its state resumes the exact sequence."""
     script = tmp_path / "resumer.py"
     script.write_text(_RESUMER)
-    run = lambda *a: subprocess.run([sys.executable, str(script), str(sharded), *map(str, a)], capture_output=True)
+    run = lambda *a: subprocess.run([sys.executable, str(script), str(sharded), *map(str, a), order],
+                                    capture_output=True)
     ref = run(tmp_path / "ref.pt", tmp_path / "ref.txt", 40, 0)
     assert ref.returncode == 0, ref.stderr
     killed = run(tmp_path / "s.pt", tmp_path / "got.txt", 40, 17)
@@ -173,3 +177,35 @@ def test_shuffled_order_survives_kill_9(sharded, tmp_path):
     assert rest.returncode == 0, rest.stderr
     assert (tmp_path / "got.txt").read_text() == (tmp_path / "ref.txt").read_text()
     assert len((tmp_path / "ref.txt").read_text().split()) == 40
+
+
+def test_windows_are_random_starts_across_shards_and_resume_exactly(sharded):
+    """nanoGPT's sampler: rows start anywhere (not at chunk bounds), stay inside one shard, and a loaded
+    state continues the same windows; another seed draws others."""
+    B, T = 4, 16
+    a = ShardLoader(sharded, "train", B, T, verbose=False, order="windows", seed=2)
+    starts = set()
+    for _ in range(50):
+        x, y = a.next_batch()
+        assert x.shape == y.shape == (B, T) and torch.equal(y, x + 1)  # one contiguous run of a shard
+        starts.update(x[:, 0].tolist())
+    assert any(s % (B * T) for s in starts) and max(starts) >= 1700  # off chunk bounds, into the last shard
+    state = a.state_dict()
+    b = ShardLoader(sharded, "train", B, T, verbose=False, order="windows", seed=2)
+    b.load_state_dict(state)
+    for _ in range(30):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    c = ShardLoader(sharded, "train", B, T, verbose=False, order="windows", seed=3)
+    assert not torch.equal(c.next_batch()[0], ShardLoader(sharded, "train", B, T, verbose=False,
+                                                          order="windows", seed=2).next_batch()[0])
+
+
+@pytest.mark.parametrize("order", ["shuffled", "windows"])
+def test_a_micro_batch_split_over_ranks_reads_the_same_rows(sharded, order):
+    """The CPU defaults split B=8 into B=4 on each of 2 ranks: the step's rows must stay the same."""
+    T = 16
+    one = ShardLoader(sharded, "train", 8, T, verbose=False, order=order, seed=7)
+    two = [ShardLoader(sharded, "train", 4, T, rank=r, world=2, verbose=False, order=order, seed=7) for r in range(2)]
+    for _ in range(60):  # past an epoch of rows (185 of 16 tokens)
+        x1, _ = one.next_batch()
+        assert torch.equal(x1, torch.cat([two[0].next_batch()[0], two[1].next_batch()[0]]))

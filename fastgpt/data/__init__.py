@@ -12,13 +12,20 @@ This module holds the pieces that need no tokenizer: Tiny Shakespeare and downlo
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import time
 import urllib.request
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
 from .loader import DATA_ORDERS, ShardLoader
-from .prepare import prepare_hf, prepare_texts
+from .prepare import SPOOL, prepare_hf, prepare_texts
 from .shards import DataError, _split_of, find_shards, load_shard, numbering_gaps
 from .stream import prepare_files, prepare_hf_stream
 
@@ -80,16 +87,59 @@ def prepare_shakespeare(input: str | Path | None = None, out: str | Path = DEFAU
     return prepare_texts([path], out)
 
 
+PREPARE_LOCK = ".prepare.lock"  # data_root/.prepare.lock: held while the default data is being prepared
+
+
+def _default_data_ready(root: Path) -> bool:
+    """Shards there and no spool left: a finished preparation (prepare.py removes its spool only after the
+    last shard and the manifest are written), or the user's own shards, which are kept."""
+    has = root.is_dir() and any(_split_of(p.name) in ("train", "val") for p in root.glob("*.npy"))
+    return has and not (root / SPOOL).exists()
+
+
 def prepare_default_data(data_root: str | Path, log=print) -> bool:
     """Prepare the packaged Tiny Shakespeare into data_root if it holds no shards yet; True if it did.
 
     For the default --data_root only, so that `python train.py` on a fresh machine trains with no other
     step; any other missing directory stays an error (a typo must not silently train on Shakespeare).
+    Two runs started at once in a fresh directory would both prepare into it (one could read a half-written
+    split, or delete the other's spool): an exclusive flock on data_root/.prepare.lock makes the second
+    wait and then use the first one's shards. The kernel drops the lock when its holder dies (kill -9), and
+    the next run resumes that preparation.
     """
     root = Path(data_root)
-    if root.is_dir() and any(_split_of(p.name) in ("train", "val") for p in root.glob("*.npy")):
+    if _default_data_ready(root):
         return False
-    log(f"no data in {str(root)!r}: preparing the Tiny Shakespeare packaged with fastgpt "
-        f"(same as `fastgpt prepare shakespeare --out {root}`)")
-    prepare_shakespeare(None, root)
-    return True
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / PREPARE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataError(f"--data_root {root}: cannot create it or its {PREPARE_LOCK} "
+                        f"({e.strerror or e}); prepare it with `fastgpt prepare shakespeare --out {root}`") from None
+    try:
+        waited = _lock(fd, root, log)
+        if _default_data_ready(root):
+            log(f"waited {waited:.1f}s for another process preparing {str(root)!r}: using its shards")
+            return False
+        log(f"no data in {str(root)!r}: preparing the Tiny Shakespeare packaged with fastgpt "
+            f"(same as `fastgpt prepare shakespeare --out {root}`)")
+        prepare_shakespeare(None, root)
+        return True
+    finally:
+        os.close(fd)  # drops the flock
+
+
+def _lock(fd: int, root: Path, log) -> float:
+    """Take the exclusive lock on fd, waiting if another process holds it; the seconds waited."""
+    if fcntl is None:  # not POSIX: no lock (two runs at once in a fresh directory are then on their own)
+        return 0.0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return 0.0
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return 0.0  # flock unsupported here (some network filesystems): as without fcntl
+    log(f"another process is preparing the default data in {str(root)!r}: waiting for it")
+    t0 = time.monotonic()
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return time.monotonic() - t0

@@ -5,8 +5,15 @@ chunks of all shards are numbered in one sequence 0..C-1. The loader walks a glo
 2, ...; index i reads chunk order_e[i mod C] of epoch e = i // C, where order_e is
 
 - `sequential`: the identity (today's order: shard 0 front to back, then shard 1, ...);
-- `shuffled`: a permutation of 0..C-1 drawn from numpy's PCG64 seeded with (seed, e), a new one
-  each epoch, so every chunk is still read exactly once per epoch.
+- `shuffled`: a permutation of the split's rows (T+1-token windows at multiples of T, U of them) drawn
+  from numpy's PCG64 seeded with (seed, e), a new one each epoch of U rows; index i reads rows
+  i*B .. i*B+B-1 of that sequence, so every row is read once per epoch;
+- `windows`: nanoGPT's sampler: row j starts at a random token position of the split (any of the sum
+  over shards of len-T starts) drawn from PCG64 seeded with (seed, j).
+
+Both go by row, not by chunk, so a micro-batch split over ranks (B=8 on 1 rank = B=4 on 2, as the CPU
+defaults do) reads the same rows: at W ranks of B rows, ranks 0..W-1 read indices kW..kW+W-1, rows
+kWB .. (k+1)WB-1, the rows one process of W*B rows reads at index k.
 
 Rank r of a world of W ranks reads indices r, r+W, r+2W, ...: a step of W ranks reads exactly the
 chunks one process would read in W consecutive micro-steps, so the data of a run does not depend on
@@ -28,7 +35,7 @@ import torch
 
 from .shards import DataError, find_shards, load_shard, numbering_gaps, open_shard, read_manifest, record_checked
 
-DATA_ORDERS = ("shuffled", "sequential")
+DATA_ORDERS = ("shuffled", "sequential", "windows")
 _OPEN_MAPS = 4  # memory maps a loader keeps open at once (a rank reads one shard at a time in order)
 
 
@@ -59,19 +66,17 @@ class ShardLoader:
         counts = [(n - 1) // (B * T) for n in lengths]  # whole chunks per shard
         self.starts = np.cumsum([0] + counts).tolist()  # chunk index where each shard begins
         self.total = self.starts[-1]
+        # shuffled: rows per shard (row u of a shard: tokens u*T .. u*T+T), numbered across shards
+        self.ustarts = np.cumsum([0] + [(n - 1) // T for n in lengths]).tolist()
+        # windows: window starts per shard (a window is T+1 tokens), numbered across shards
+        self.wstarts = np.cumsum([0] + [max(n - T, 0) for n in lengths]).tolist()
+        self._perms: dict[int, np.ndarray] = {}
         self.next = 0  # the global index rank 0 reads next; rank r reads next + r
         self._maps: dict[int, np.ndarray] = {}
-        self._perm_epoch, self._perm = -1, None
 
     # -- which chunk an index reads --------------------------------------------------------------
-    def _chunk(self, index: int) -> int:
-        epoch, i = divmod(index, self.total)
-        if self.order == "sequential":
-            return i
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.total)
-            self._perm_epoch = epoch
-        return int(self._perm[i])
+    def _chunk(self, index: int) -> int:  # sequential
+        return index % self.total
 
     def _locate(self, chunk: int) -> tuple[int, int]:
         shard = bisect.bisect_right(self.starts, chunk) - 1
@@ -85,13 +90,42 @@ class ShardLoader:
         return self._maps[k]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shard, pos = self._locate(self._chunk(self.next + self.rank))
+        index = self.next + self.rank
         self.next += self.world
+        if self.order != "sequential":
+            return self._rows(index)
+        shard, pos = self._locate(self._chunk(index))
         n = self.B * self.T
         buf = torch.from_numpy(self._shard(shard)[pos:pos + n + 1].astype(np.int64))
         if self.pin_memory:
             buf = buf.pin_memory()
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+    def _row(self, j: int) -> tuple[int, int]:
+        """(shard, token position) of row j of the shuffled or windows sequence."""
+        if self.order == "windows":
+            w = int(np.random.default_rng([self.seed, j]).integers(0, self.wstarts[-1]))
+            shard = bisect.bisect_right(self.wstarts, w) - 1
+            return shard, w - self.wstarts[shard]
+        epoch, u = divmod(j, self.ustarts[-1])
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a batch spans at most two epochs
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.ustarts[-1])
+        unit = int(self._perms[epoch][u])
+        shard = bisect.bisect_right(self.ustarts, unit) - 1
+        return shard, (unit - self.ustarts[shard]) * self.T
+
+    def _rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows index*B .. index*B+B-1, (B, T+1) -> x, y of (B, T)."""
+        rows = []
+        for j in range(index * self.B, (index + 1) * self.B):
+            shard, pos = self._row(j)
+            rows.append(self._shard(shard)[pos:pos + self.T + 1].astype(np.int64))
+        buf = torch.from_numpy(np.stack(rows))
+        if self.pin_memory:
+            buf = buf.pin_memory()
+        return buf[:, :-1], buf[:, 1:]
 
     def reset(self) -> None:
         self.next = 0
@@ -99,7 +133,7 @@ class ShardLoader:
     # -- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         epoch, index = divmod(self.next, self.total)
-        shard, pos = self._locate(self._chunk(self.next))
+        shard, pos = self._locate(self._chunk(self.next)) if self.order == "sequential" else self._row(self.next * self.B)
         state = {"shard": shard, "position": pos, "epoch": epoch}
         if self.order != "sequential":
             state.update(order=self.order, seed=self.seed, index=index, chunks=self.total)

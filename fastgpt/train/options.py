@@ -71,8 +71,9 @@ class TrainConfig:
     """Every `train.py` flag. Defaults follow the training guide."""
 
     data_root: str = flag("shakespeare_data", "directory with train_*.npy / val_*.npy token shards")
-    data_order: str = flag("sequential", "train chunks in order (sequential) or in a seeded permutation per epoch "
-                                         "(shuffled)", choices=data_order_choices)
+    data_order: str = flag("shuffled", "train chunks in a seeded permutation per epoch (shuffled), in order "
+                                       "(sequential), or nanoGPT's random windows (windows); docs/data.md",
+                           choices=data_order_choices)
     recipe: str | None = flag(None, "fill the flags not given from a named recipe (gpt2-124m-fineweb: build-nanogpt's "
                                     "124M run)", choices=recipe_choices)
     total_batch_size: int = flag(32768, "tokens per optimizer step, over all ranks and accumulation micro-steps",
