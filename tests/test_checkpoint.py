@@ -74,7 +74,10 @@ def test_training_checkpoint_has_the_documented_keys(shakespeare, tmp_path):
     assert set(ckpt) >= {"config", "model", "optimizer", "step", "val_loss", "loader", "rng", "train_config"}
     assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert ckpt["step"] == 2 and isinstance(ckpt["val_loss"], float)
-    assert ckpt["loader"]["shard"] == 0 and ckpt["loader"]["position"] == 2 * 512
+    # the default --data_order shuffled: 2 steps of 2 micro-batches of 4x64 tokens read = 4 chunks
+    loader = ckpt["loader"]
+    assert loader["order"] == "shuffled" and loader["index"] == 4 and loader["epoch"] == 0
+    assert loader["chunks"] == (304_222 - 1) // 256  # the packaged Shakespeare's train tokens in 4x64 rows
     assert ckpt["train_config"]["total_batch_size"] == 512
     model = GPT(GPTConfig(**ckpt["config"]))  # the guide's snippet
     model.load_state_dict(ckpt["model"])
