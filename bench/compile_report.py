@@ -26,7 +26,13 @@ attention, the arch table's order, so the tile FASTGPT_ATTENTION_CONFIGS=fixed l
 else registration order) only until one fits
 (a group is e.g. "bf16 D=128" of an attention kernel, whose builds are autotune alternatives; each
 memory-bound build is its own group): the cheap check that every kernel training uses has a config that
-fits each arch. Without it every build is compiled.
+fits each arch, and it counts SASS instructions only in builds whose PTX has a tensor-core MMA
+(`mma.sync`, `wgmma.mma_async`, `tcgen05.mma`): their mma_instructions is what it checks; elsewhere
+mma_instructions is 0 (ptxas makes no MMA the PTX does not ask for) and vector_loads is -1 (not
+counted: `cuobjdump -sass` is about half the cost of a memory-bound build). Without it every build is
+compiled and counted. Builds that compile to the same kernel (same function, signature, constexprs,
+hints, warps, stages and arch: e.g. LayerNorm at widths 768 and 1024 share BLOCK_N=1024) are compiled
+once and reported under each name.
 
 The exit status is 1 when any build fails to compile or does not fit, or a group has no fitting build
 (each is named on stderr), 2 on a usage error. TRITON_INTERPRET must be off: with it set, `@triton.jit` yields interpreter functions that
@@ -48,7 +54,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 KEYS = ("kernel", "arch", "config", "group", "registers", "spill_bytes", "shared_bytes", "smem_limit", "fits",
         "mma_instructions", "vector_loads")
@@ -57,6 +63,7 @@ KEYS = ("kernel", "arch", "config", "group", "registers", "spill_bytes", "shared
 # UTCOMMA (tcgen05.mma for fp16-bf16 / fp8 / int8 / mxfp4; no suffix in the SASS of sm_100a).
 _MMA_RE = re.compile(r"\b(HMMA|HGMMA|UTC[A-Z]?MMA)\b")
 _INSPECT_VERSION = b"2"  # bump when what _inspect_cubin counts changes: old cached answers are then ignored
+_PTX_MMA_RE = re.compile(r"\b(mma\.sync|wgmma\.mma_async|tcgen05\.mma)\b")
 _VEC_LOAD_RE = re.compile(r"\bLDG(STS)?(\.[A-Z0-9_]+)*\.128\b")
 _RES_RE = re.compile(r"Function\s+(\S+):\s*\n\s*(.*)")
 
@@ -115,13 +122,14 @@ def _cache_dir() -> str:
     return os.path.join(base, "fastgpt_compile_report")
 
 
-def _inspect_cubin(cubin: bytes, name: str) -> dict[str, int]:
-    """cuobjdump's resource usage plus SASS instruction counts for one cubin.
+def _inspect_cubin(cubin: bytes, name: str, sass: bool = True) -> dict[str, int]:
+    """cuobjdump's resource usage plus, with `sass`, SASS instruction counts for one cubin.
 
     `cuobjdump -sass` is slow per cubin (it starts nvdisasm); the answer depends only on the cubin's
     bytes, so it is cached next to Triton's own cache, keyed by the cubin's sha256 (and _INSPECT_VERSION).
+    Without `sass` the counts are -1 (not counted).
     """
-    key = hashlib.sha256(cubin + _INSPECT_VERSION).hexdigest()
+    key = hashlib.sha256(cubin + _INSPECT_VERSION + (b"" if sass else b"-nosass")).hexdigest()
     cached = os.path.join(_cache_dir(), key + ".json")
     try:
         with open(cached) as f:
@@ -135,10 +143,10 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict[str, int]:
             f.write(cubin)
         res = _resource_usage(subprocess.run([tool, "--dump-resource-usage", path], check=True,
                                              capture_output=True, text=True).stdout)
-        sass = subprocess.run([tool, "-sass", path], check=True, capture_output=True, text=True).stdout
-    lines = sass.splitlines()
-    res["mma"] = sum(1 for line in lines if _MMA_RE.search(line))
-    res["vec"] = sum(1 for line in lines if _VEC_LOAD_RE.search(line))
+        lines = subprocess.run([tool, "-sass", path], check=True, capture_output=True,
+                               text=True).stdout.splitlines() if sass else None
+    res["mma"] = sum(1 for line in lines if _MMA_RE.search(line)) if sass else -1
+    res["vec"] = sum(1 for line in lines if _VEC_LOAD_RE.search(line)) if sass else -1
     try:  # best effort: a read-only cache directory only costs speed
         os.makedirs(_cache_dir(), exist_ok=True)
         tmp_path = f"{cached}.{os.getpid()}.tmp"
@@ -150,9 +158,10 @@ def _inspect_cubin(cubin: bytes, name: str) -> dict[str, int]:
     return res
 
 
-def _compile_one(task: tuple[int, str]) -> Row:
-    """Compile build number `index` of `all_builds()` for `arch` and read its cubin."""
-    index, arch = task
+def _compile_one(task: tuple[int, str, bool]) -> Row:
+    """Compile build number `index` of `all_builds()` for `arch` and read its cubin; `quick`: count SASS
+    instructions only when the PTX has a tensor-core MMA (see --first-fit)."""
+    index, arch, quick = task
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -172,11 +181,12 @@ def _compile_one(task: tuple[int, str]) -> Row:
             warnings.simplefilter("ignore")  # triton 3.9's FP-fusion default notice, once per process
             k = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch].capability, 32),
                                options={"num_warps": b.num_warps, "num_stages": b.num_stages})
-        res = _inspect_cubin(k.asm["cubin"], f"{b.kernel}_{arch}")
+        sass = not quick or _PTX_MMA_RE.search(k.asm["ptx"]) is not None
+        res = _inspect_cubin(k.asm["cubin"], f"{b.kernel}_{arch}", sass)
         row.registers = res.get("REG", 0)
         row.spill_bytes = res.get("STACK", 0) + res.get("LOCAL", 0)
         row.shared_bytes = int(k.metadata.shared) + res.get("SHARED", 0)
-        row.mma_instructions = res["mma"]
+        row.mma_instructions = res["mma"] if sass else 0  # no MMA in the PTX: none in the SASS
         row.vector_loads = res["vec"]
     except Exception as e:  # reported per build; the exit status says the run failed
         row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -194,17 +204,40 @@ def _table(rows: list[Row]) -> str:
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths), *(fmt(r) for r in body)])
 
 
-def _compile_all(tasks: list[tuple[int, str]], jobs: int) -> list[Row]:
-    if jobs > 1 and len(tasks) > 1:
+def _same_kernel(task: tuple[int, str, bool]) -> str:
+    """What triton.compile sees of a task: tasks with equal keys compile to the same cubin."""
+    from kernels._launch import all_builds
+
+    b = all_builds()[task[0]]
+    return repr((b.fn.__module__, b.fn.__name__, sorted(b.signature.items()), sorted(b.constexprs.items()),
+                 sorted((repr(k), repr(v)) for k, v in b.attrs.items()), b.num_warps, b.num_stages, task[1:]))
+
+
+def _compile_all(tasks: list[tuple[int, str, bool]], jobs: int) -> list[Row]:
+    """One Row per task, in order; each distinct kernel is compiled once (in parallel when jobs > 1)."""
+    from kernels._launch import all_builds
+
+    keys = [_same_kernel(t) for t in tasks]
+    first: dict[str, tuple[int, str, bool]] = {}
+    for key, t in zip(keys, tasks):
+        first.setdefault(key, t)
+    unique = list(first.values())
+    if jobs > 1 and len(unique) > 1:
         import multiprocessing as mp
 
         # fork: workers inherit the imported kernels and their registry; tasks are plain indices.
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
-            return list(pool.map(_compile_one, tasks, chunksize=1))
-    return [_compile_one(t) for t in tasks]
+            done = dict(zip(first, pool.map(_compile_one, unique, chunksize=1)))
+    else:
+        done = dict(zip(first, map(_compile_one, unique)))
+    rows = []
+    for t, key in zip(tasks, keys):
+        b = all_builds()[t[0]]
+        rows.append(replace(done[key], kernel=b.kernel, config=b.config, group=b.group_key))
+    return rows
 
 
-def _first_fit(groups: dict[tuple, list[tuple[int, str]]], jobs: int) -> list[Row]:
+def _first_fit(groups: dict[tuple, list[tuple[int, str, bool]]], jobs: int) -> list[Row]:
     """Per group, compile its builds in order until one fits; rounds run every unresolved group in parallel."""
     rows: list[Row] = []
     pending = {g: list(ts) for g, ts in groups.items()}
@@ -223,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
     p.add_argument("--kernel", metavar="SUBSTR", default="", help="only kernels whose name contains SUBSTR")
     p.add_argument("--first-fit", action="store_true",
-                   help="per (kernel, arch, group) stop at the first build that fits (a quick check)")
+                   help="per (kernel, arch, group) stop at the first build that fits, and count SASS "
+                        "instructions only where the PTX has a tensor-core MMA (a quick check)")
     p.add_argument("--jobs", type=int, default=0,
                    help="compile in this many processes (default 0: one per idle CPU, i.e. CPUs minus the "
                         "1-minute load average, at least 1; on a busy machine extra processes only slow it down)")
@@ -239,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compile_report: unknown --arch {', '.join(unknown)}; known: {', '.join(ARCHS)}", file=sys.stderr)
         return 2
     builds = all_builds()
-    tasks = [(i, arch) for arch in archs for i, b in enumerate(builds)
+    tasks = [(i, arch, args.first_fit) for arch in archs for i, b in enumerate(builds)
              if args.kernel in b.kernel and (not b.archs or arch in b.archs)]
     if not tasks:
         print(f"compile_report: no registered kernel matches {args.kernel!r}", file=sys.stderr)
@@ -248,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         cpus = os.cpu_count() or 1
         args.jobs = max(1, min(cpus, cpus - round(os.getloadavg()[0])))
     groups: dict[tuple, list[tuple[int, str]]] = {}
-    for i, arch in tasks:
-        groups.setdefault((builds[i].kernel, arch, builds[i].group_key), []).append((i, arch))
+    for i, arch, quick in tasks:
+        groups.setdefault((builds[i].kernel, arch, builds[i].group_key), []).append((i, arch, quick))
     for ts in groups.values():  # first the build the arch launches first (Build.rank); stable otherwise
         ts.sort(key=lambda t: builds[t[0]].rank.get(t[1], 0))
     t0 = time.time()

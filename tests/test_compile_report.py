@@ -2,8 +2,8 @@
 
 Runs in a subprocess without TRITON_INTERPRET (this test session sets it; the report needs compiled
 @triton.jit kernels). Default run: sm_80, sm_89 and sm_90a, first fitting build per group (every
-memory-bound build, and per attention kernel, dtype and head dim the first tile that fits), a few
-minutes on 2 cores with a cold Triton cache and seconds with a warm one. `-m slow`: every build on all
+memory-bound build, and per attention kernel, dtype and head dim the first tile that fits; SASS
+counted only for builds with tensor-core MMAs), a few minutes on 2 cores with a cold Triton cache and seconds with a warm one. `-m slow`: every build on all
 seven targets (about 1,850 compiles; tens of minutes with a cold cache).
 """
 import json
@@ -102,6 +102,10 @@ def test_compile_report_default_archs_fit(default_report):
     _check_training_kernels_fit(rows, DEFAULT_ARCHS)
     _check_launch_coverage(rows, DEFAULT_ARCHS)
     assert "first fit per group" in stdout
+    # The quick check counts SASS only where the PTX has a tensor-core MMA: attention's fp16/bf16 builds.
+    counted = {r["kernel"] for r in rows if r["vector_loads"] >= 0}
+    assert counted and counted <= ATTENTION, counted
+    assert all(r["mma_instructions"] == 0 and r["vector_loads"] == -1 for r in rows if r["kernel"] in MEMORY_BOUND)
 
 
 def test_compile_report_first_fit_starts_with_the_fixed_tile(default_report):
