@@ -19,7 +19,6 @@ table, default training dtype, attention route (Triton or SDPA) and a one-line r
 `kernels.attention_configs()` / `kernels.install_attention_configs(entries)` read and pin the attention
 launch configs (FASTGPT_ATTENTION_CONFIGS=fixed pins them to each table's first candidate).
 """
-import torch as _torch
 
 from ._launch import DTYPES, DtypeError, arch_plan, attention_route, can_launch, device_plan, interpreting, launches, why_not
 from .adamw import FusedAdamW
@@ -35,17 +34,6 @@ from .attention import (
 from .cross_entropy import linear_cross_entropy
 from .gelu import gelu
 from .layer_norm import layer_norm
-from ._launch import register_workspace as _register_workspace
-
-
-# attention's workspace lives here until kernels/attention.py's tile-table change lands; then it moves there.
-@_register_workspace("attention_bwd")
-def _attention_bwd_workspace(do, q, k, v, o, lse, causal, scale):
-    B, H, T, _ = q.shape
-    work = [((B, H, T), _torch.float32)]  # delta = rowsum(dO * O)
-    if do.stride(-1) != 1:  # dO made contiguous in its last dimension
-        work.append((tuple(do.shape), do.dtype))
-    return work
 
 __all__ = [
     "layer_norm",

@@ -90,6 +90,7 @@ from ._launch import (
     on_tensor_device,
     next_pow2,
     register_builds,
+    register_workspace,
     table_arch,
     why_not,
 )
@@ -744,6 +745,16 @@ def _launch_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     _run("dkdv", lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H), dkdv_args, flags, q, T)
     _run("dq", lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), dq_args, flags, q, T)
     return dq, dk, dv
+
+
+@register_workspace("attention_bwd")
+def _bwd_workspace(do, q, k, v, o, lse, causal, scale):
+    """What `_launch_bwd` allocates on CUDA besides dq, dk, dv: delta (B, H, T) fp32, and dO made unit-stride."""
+    B, H, T, _ = q.shape
+    work = [((B, H, T), torch.float32)]
+    if do.stride(-1) != 1:
+        work.append((tuple(do.shape), do.dtype))
+    return work
 
 
 # ============================================================================================
