@@ -262,7 +262,7 @@ def test_memory_model_per_rank(tmp_path, capsys):
     rows = {(r["world"], r["activation_checkpointing"]): r for r in json.loads(out.read_text())}
     rows[(4, False)] = asdict(memory.run_rank("fsdp", "tiny", 2, 128, 4))
     ddp = memory.run_rank("ddp", "tiny", 2, 128, 1)
-    zero1 = memory._zero1_from(ddp, 4)
+    zero1 = memory._sharded_from(ddp, "zero1", 4)
     size = memory.MODELS["tiny"]
     n = memory.gpt2_params(size["n_layer"], size["n_embd"])
     opt = ddp.breakdown["Optstate"]
@@ -362,12 +362,21 @@ def test_strategies_are_the_package_modules_strategy_classes(tmp_path, monkeypat
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "tp.py").write_text("from fastgpt.parallel import Strategy\n\n\nclass TP(Strategy):\n"
-                               "    name = 'tp'\n    order = 3\n")
+                               "    name = 'tp'\n    order = 3\n    sharded_state = ('Gradient', 'Optstate')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(common, "REGISTRY", dict(common.REGISTRY))
     try:
         parallel.import_modules("morepar", [str(pkg)])
         assert tuple(parallel.discovered()) == ("ddp", "zero1", "fsdp", "tp")
+        # bench.memory models the new mode from its file alone: the one-process step less 3/4 of what it shards
+        from bench.memory import RankResult, _sharded_from
+
+        monkeypatch.setattr(parallel, "STRATEGIES", parallel.discovered())
+        one = RankResult("ddp", "tiny", 2, 128, 1, False, 2000, "backward",
+                         {"Parameter": 400, "Gradient": 400, "Optstate": 800, "Activation": 400, "Total": 2000}, "")
+        tp = _sharded_from(one, "tp", 4)
+        assert (tp.mode, tp.world, tp.peak_bytes) == ("tp", 4, 2000 - 300 - 600)
+        assert tp.breakdown == {"Parameter": 400, "Gradient": 100, "Optstate": 200, "Activation": 400, "Total": 1100}
     finally:
         sys.modules.pop("morepar.tp", None)
         sys.modules.pop("morepar", None)

@@ -50,6 +50,6 @@ from .policy import (CudaAutocast, FastgptOps, _sdpa_as_on_cuda, _with_recompute
 from .model import (ASSUMPTIONS_COMMON, Result, SavedTensors, _blocks, _global_peak, _hf, _step,  # noqa: F401
                     _tracker, build, gpt2_params, korthikanti, make_adamw, measure_cuda, run_one)
 from .ranks import (CARD_MARGIN, CARDS_GB, SHARD_MODES, RankResult, _card_holds, _fits,  # noqa: F401
-                    _fsdp_tracker, _zero1_from, fit_table, run_fsdp, run_rank)
+                    _fsdp_tracker, _sharded_from, fit_table, run_fsdp, run_rank)
 from .render import render, render_ranks  # noqa: F401
 from .cli import main, main_ranks  # noqa: F401

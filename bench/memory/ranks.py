@@ -28,6 +28,8 @@ CARDS_GB = (8, 12, 16, 24, 40, 80)
 # A card of G GB fits a run whose modelled peak is <= G GiB - this: the CUDA context, cuBLAS and NCCL
 # workspaces and allocator fragmentation are not modelled (they are what NVML shows on top).
 CARD_MARGIN = 2 * 2**30
+# fit_table's rows: every mode without activation checkpointing, these also with it.
+AC_ROWS = {"ddp": (False, True), "fsdp": (False, True)}
 
 
 @dataclass
@@ -86,15 +88,27 @@ def run_fsdp(model_name: str, batch: int, seq: int, world: int, activation_check
                       peak, "an FSDP2 step on fake tensors over a fake process group of that many ranks")
 
 
-def _zero1_from(ddp: RankResult, world: int) -> RankResult:
-    # ZeroRedundancyOptimizer: a rank keeps the AdamW moments of its 1/world of the parameters; they are
-    # resident all step long, so the peak drops by exactly the moments it no longer holds.
-    opt = ddp.breakdown.get("Optstate", 0)
-    dropped = opt * (world - 1) // world
-    breakdown = dict(ddp.breakdown, Optstate=opt - dropped, Total=ddp.peak_bytes - dropped)
-    return RankResult("zero1", ddp.model, ddp.batch, ddp.seq, world, ddp.activation_checkpointing,
-                      ddp.peak_bytes - dropped, ddp.peak_phase, breakdown,
-                      "the one-process step less (world-1)/world of the AdamW state (weights, gradients replicated)")
+def _sharded_from(ddp: RankResult, mode: str, world: int) -> RankResult:
+    """A rank of `mode` modelled from the one-process step: less (world-1)/world of each category the mode's
+    Strategy shards (`sharded_state`). Exact for zero1 (ZeroRedundancyOptimizer: a rank keeps the AdamW
+    moments of its 1/world of the parameters, resident all step long); for a mode that also shards weights it
+    leaves out the gathered blocks in flight, which only an exact run (fsdp's) counts."""
+    from fastgpt.parallel import STRATEGIES
+
+    categories = STRATEGIES[mode].sharded_state
+    breakdown, total = dict(ddp.breakdown), ddp.peak_bytes
+    for c in categories:
+        dropped = breakdown.get(c, 0) * (world - 1) // world
+        breakdown[c] = breakdown.get(c, 0) - dropped
+        total -= dropped
+    breakdown["Total"] = total
+    what = ", ".join(categories) or "nothing"
+    return RankResult(mode, ddp.model, ddp.batch, ddp.seq, world, ddp.activation_checkpointing, total,
+                      ddp.peak_phase, breakdown, f"the one-process step less (world-1)/world of {what}")
+
+
+# Modes whose rank is measured by a run of its own at world > 1 (the others: _sharded_from the ddp step).
+EXACT_RUNS = {"fsdp": run_fsdp}
 
 
 def run_rank(mode: str, model_name: str, batch: int, seq: int, world: int,
@@ -102,18 +116,13 @@ def run_rank(mode: str, model_name: str, batch: int, seq: int, world: int,
     """One rank's peak under train.py --shard `mode` at `world` ranks (one process for world 1)."""
     if mode not in SHARD_MODES:
         raise ValueError(f"unknown --shard {mode!r}; choose from {SHARD_MODES}")
-    if mode not in ("ddp", "zero1", "fsdp"):
-        raise NotImplementedError(f"bench.memory has no per-rank model for --shard {mode} yet (fastgpt/parallel/"
-                                  f"{mode}.py): add one to run_rank")
-    if mode == "fsdp" and world > 1:
-        return run_fsdp(model_name, batch, seq, world, activation_checkpointing)
+    if mode in EXACT_RUNS and world > 1:
+        return EXACT_RUNS[mode](model_name, batch, seq, world, activation_checkpointing)
     r = run_one("fastgpt", model_name, batch, seq, activation_checkpointing)
     ddp = RankResult("ddp", model_name, batch, seq, world, activation_checkpointing, r.peak_bytes, r.peak_phase,
                      dict(r.peak_breakdown), "the one-process step (DDP with gradient_as_bucket_view keeps the "
                      "gradients in its buckets: no second copy)")
-    return _zero1_from(ddp, world) if mode == "zero1" and world > 1 else ddp
-
-
+    return _sharded_from(ddp, mode, world) if mode != "ddp" and world > 1 else ddp
 
 
 def _card_holds(g: int, peak: int) -> bool:
@@ -131,14 +140,15 @@ def fit_table(batch: int, seq: int, models=("gpt2", "gpt2-medium", "gpt2-large",
     rows, results = [], []
     for m in models:
         ddp = {}
-        for mode, ac in (("ddp", False), ("ddp", True), ("zero1", False), ("fsdp", False), ("fsdp", True)):
+        for mode, ac in ((mode, ac) for mode in SHARD_MODES for ac in AC_ROWS.get(mode, (False,))):
+            if ac not in ddp:
+                ddp[ac] = run_rank("ddp", m, batch, seq, 1, ac)
             if mode == "ddp":
-                rs = [run_rank("ddp", m, batch, seq, 1, ac)]
-                ddp[ac] = rs[0]
-            elif mode == "zero1":
-                rs = [_zero1_from(ddp[ac], w) for w in worlds]
-            else:
+                rs = [ddp[ac]]
+            elif mode in EXACT_RUNS:
                 rs = [run_rank(mode, m, batch, seq, w, ac) for w in worlds]
+            else:
+                rs = [_sharded_from(ddp[ac], mode, w) for w in worlds]
             for r in rs:
                 if log:
                     log(f"{m} {mode}{' + AC' if ac else ''} x{r.world}: {fmt_bytes(r.peak_bytes)}")

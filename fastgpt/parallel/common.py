@@ -30,6 +30,9 @@ class Strategy:
 
     name = ""  # the --shard value; a subclass that sets one registers itself in REGISTRY
     order = 0  # position among the --shard choices (least to most sharded), so they do not follow file names
+    # What a rank holds 1/W of, by torch MemTracker category ("Parameter", "Gradient", "Optstate"). bench.memory models
+    # a mode as the one-process step less (W-1)/W of these, unless it has an exact run for it (fsdp does).
+    sharded_state: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -31,6 +31,7 @@ def fully_shard_gpt(raw: nn.Module, mesh, param_dtype: torch.dtype | None) -> No
 class FSDP(Strategy):
     name = "fsdp"
     order = 2
+    sharded_state = ("Parameter", "Gradient", "Optstate")
 
     def describe(self, cuda: bool) -> str:
         mp = "weights gathered in bf16, gradients reduced in fp32" if cuda else "fp32"

@@ -23,6 +23,7 @@ def zero_class():
 class Zero1(DDP):
     name = "zero1"
     order = 1
+    sharded_state = ("Optstate",)
 
     def describe(self, cuda: bool) -> str:
         return f"sharding: zero1 over {self.world} ranks (DDP; AdamW state sharded by ZeroRedundancyOptimizer)"
