@@ -44,6 +44,7 @@ fastgpt_compile_report/ inside Triton's cache directory) make repeated runs take
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -158,6 +159,15 @@ def _inspect_cubin(cubin: bytes, name: str, sass: bool = True) -> dict[str, int]
     return res
 
 
+@functools.cache
+def _builds():
+    """kernels' registered builds, listed once per process (listing them costs about 0.1 s; forked workers
+    inherit the parent's list)."""
+    from kernels._launch import all_builds
+
+    return all_builds()
+
+
 def _compile_one(task: tuple[int, str, bool]) -> Row:
     """Compile build number `index` of `all_builds()` for `arch` and read its cubin; `quick`: count SASS
     instructions only when the PTX has a tensor-core MMA (see --first-fit)."""
@@ -166,9 +176,9 @@ def _compile_one(task: tuple[int, str, bool]) -> Row:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels._launch import ARCHS, all_builds
+    from kernels._launch import ARCHS
 
-    b = all_builds()[index]
+    b = _builds()[index]
     row = Row(kernel=b.kernel, arch=arch, config=b.config, group=b.group_key,
               smem_limit=ARCHS[arch].smem_per_block)
     try:
@@ -206,17 +216,13 @@ def _table(rows: list[Row]) -> str:
 
 def _same_kernel(task: tuple[int, str, bool]) -> str:
     """What triton.compile sees of a task: tasks with equal keys compile to the same cubin."""
-    from kernels._launch import all_builds
-
-    b = all_builds()[task[0]]
+    b = _builds()[task[0]]
     return repr((b.fn.__module__, b.fn.__name__, sorted(b.signature.items()), sorted(b.constexprs.items()),
                  sorted((repr(k), repr(v)) for k, v in b.attrs.items()), b.num_warps, b.num_stages, task[1:]))
 
 
 def _compile_all(tasks: list[tuple[int, str, bool]], jobs: int) -> list[Row]:
     """One Row per task, in order; each distinct kernel is compiled once (in parallel when jobs > 1)."""
-    from kernels._launch import all_builds
-
     keys = [_same_kernel(t) for t in tasks]
     first: dict[str, tuple[int, str, bool]] = {}
     for key, t in zip(keys, tasks):
@@ -232,7 +238,7 @@ def _compile_all(tasks: list[tuple[int, str, bool]], jobs: int) -> list[Row]:
         done = dict(zip(first, map(_compile_one, unique)))
     rows = []
     for t, key in zip(tasks, keys):
-        b = all_builds()[t[0]]
+        b = _builds()[t[0]]
         rows.append(replace(done[key], kernel=b.kernel, config=b.config, group=b.group_key))
     return rows
 
@@ -265,14 +271,14 @@ def main(argv: list[str] | None = None) -> int:
 
     _prepare_environment()
     import kernels  # noqa: F401  (registers every kernel family's builds)
-    from kernels._launch import ARCHS, all_builds
+    from kernels._launch import ARCHS
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()] or list(ARCHS)
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         print(f"compile_report: unknown --arch {', '.join(unknown)}; known: {', '.join(ARCHS)}", file=sys.stderr)
         return 2
-    builds = all_builds()
+    builds = _builds()
     tasks = [(i, arch, args.first_fit) for arch in archs for i, b in enumerate(builds)
              if args.kernel in b.kernel and (not b.archs or arch in b.archs)]
     if not tasks:
