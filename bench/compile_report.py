@@ -18,6 +18,8 @@ sm_90a up) and its cubin read back with cuobjdump:
 - mma_instructions    SASS lines with a tensor-core MMA, under each arch's name: HMMA (mma.sync: sm_75 to
                       sm_89, sm_120, small tiles on sm_90a), HGMMA (wgmma, sm_90a), UTC*MMA (tcgen05.mma,
                       sm_100a: UTCHMMA for fp16/bf16)
+- ptx_mma             PTX tensor-core MMA instructions (mma.sync, wgmma.mma_async, tcgen05.mma), read
+                      from the PTX triton.compile returns: free, and counted in every run
 - vector_loads        SASS lines with a 128-bit global load: LDG.E.128 (and its cache-hint variants) and
                       LDGSTS....128 (16-byte cp.async, global -> shared)
 
@@ -26,11 +28,10 @@ attention, the arch table's order, so the tile FASTGPT_ATTENTION_CONFIGS=fixed l
 else registration order) only until one fits
 (a group is e.g. "bf16 D=128" of an attention kernel, whose builds are autotune alternatives; each
 memory-bound build is its own group): the cheap check that every kernel training uses has a config that
-fits each arch, and it counts SASS instructions only in builds whose PTX has a tensor-core MMA
-(`mma.sync`, `wgmma.mma_async`, `tcgen05.mma`): their mma_instructions is what it checks; elsewhere
-mma_instructions is 0 (ptxas makes no MMA the PTX does not ask for) and vector_loads is -1 (not
-counted: `cuobjdump -sass` is about half the cost of a memory-bound build). Without it every build is
-compiled and counted. Builds that compile to the same kernel (same function, signature, constexprs,
+fits each arch. It reads no SASS: mma_instructions and vector_loads are -1 (not counted;
+`cuobjdump -sass` is about half the cost of a memory-bound build) and ptx_mma says whether the dots
+run on tensor cores (the full run checks that ptx_mma and mma_instructions agree on every build).
+Without it every build is compiled and counted. Builds that compile to the same kernel (same function, signature, constexprs,
 hints, warps, stages and arch: e.g. LayerNorm at widths 768 and 1024 share BLOCK_N=1024) are compiled
 once and reported under each name.
 
@@ -58,7 +59,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
 KEYS = ("kernel", "arch", "config", "group", "registers", "spill_bytes", "shared_bytes", "smem_limit", "fits",
-        "mma_instructions", "vector_loads")
+        "mma_instructions", "ptx_mma", "vector_loads")
 
 # HMMA.16816.F32.BF16 (mma.sync), HGMMA.64x64x16.F32.BF16 (wgmma), UTCHMMA / UTCQMMA / UTCIMMA /
 # UTCOMMA (tcgen05.mma for fp16-bf16 / fp8 / int8 / mxfp4; no suffix in the SASS of sm_100a).
@@ -80,6 +81,7 @@ class Row:
     spill_bytes: int = -1
     shared_bytes: int = -1
     mma_instructions: int = -1
+    ptx_mma: int = -1
     vector_loads: int = -1
     error: str = ""
 
@@ -169,8 +171,8 @@ def _builds():
 
 
 def _compile_one(task: tuple[int, str, bool]) -> Row:
-    """Compile build number `index` of `all_builds()` for `arch` and read its cubin; `quick`: count SASS
-    instructions only when the PTX has a tensor-core MMA (see --first-fit)."""
+    """Compile build number `index` of `all_builds()` for `arch` and read its cubin; `quick`: no SASS
+    (see --first-fit)."""
     index, arch, quick = task
     import triton
     from triton.backends.compiler import GPUTarget
@@ -191,12 +193,12 @@ def _compile_one(task: tuple[int, str, bool]) -> Row:
             warnings.simplefilter("ignore")  # triton 3.9's FP-fusion default notice, once per process
             k = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch].capability, 32),
                                options={"num_warps": b.num_warps, "num_stages": b.num_stages})
-        sass = not quick or _PTX_MMA_RE.search(k.asm["ptx"]) is not None
-        res = _inspect_cubin(k.asm["cubin"], f"{b.kernel}_{arch}", sass)
+        res = _inspect_cubin(k.asm["cubin"], f"{b.kernel}_{arch}", sass=not quick)
         row.registers = res.get("REG", 0)
         row.spill_bytes = res.get("STACK", 0) + res.get("LOCAL", 0)
         row.shared_bytes = int(k.metadata.shared) + res.get("SHARED", 0)
-        row.mma_instructions = res["mma"] if sass else 0  # no MMA in the PTX: none in the SASS
+        row.mma_instructions = res["mma"]
+        row.ptx_mma = len(_PTX_MMA_RE.findall(k.asm["ptx"]))
         row.vector_loads = res["vec"]
     except Exception as e:  # reported per build; the exit status says the run failed
         row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -204,11 +206,11 @@ def _compile_one(task: tuple[int, str, bool]) -> Row:
 
 
 def _table(rows: list[Row]) -> str:
-    head = ("kernel", "arch", "config", "regs", "spill", "shared", "limit", "fits", "mma", "ldg128")
+    head = ("kernel", "arch", "config", "regs", "spill", "shared", "limit", "fits", "mma", "ptx mma", "ldg128")
     body = [(r.kernel, r.arch, r.config, *(str(v) for v in (r.registers, r.spill_bytes, r.shared_bytes, r.smem_limit,
                                                             "yes" if r.fits else "NO", r.mma_instructions,
-                                                            r.vector_loads)))
-            if not r.error else (r.kernel, r.arch, r.config, "ERROR", "", "", "", "NO", "", "") for r in rows]
+                                                            r.ptx_mma, r.vector_loads)))
+            if not r.error else (r.kernel, r.arch, r.config, "ERROR", "", "", "", "NO", "", "", "") for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     fmt = lambda cells: " | ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths), *(fmt(r) for r in body)])
@@ -262,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
     p.add_argument("--kernel", metavar="SUBSTR", default="", help="only kernels whose name contains SUBSTR")
     p.add_argument("--first-fit", action="store_true",
-                   help="per (kernel, arch, group) stop at the first build that fits, and count SASS "
-                        "instructions only where the PTX has a tensor-core MMA (a quick check)")
+                   help="per (kernel, arch, group) stop at the first build that fits, and read no SASS "
+                        "(a quick check: tensor-core use from the PTX)")
     p.add_argument("--jobs", type=int, default=0,
                    help="compile in this many processes (default 0: one per idle CPU, i.e. CPUs minus the "
                         "1-minute load average, at least 1; on a busy machine extra processes only slow it down)")
