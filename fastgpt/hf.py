@@ -16,6 +16,10 @@ from .config import GPTConfig
 # Weights stored transposed by HF's Conv1D.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# Seconds to wait for the hub to connect and answer. huggingface_hub's own default is 10 s a request plus
+# retries, so a hub that accepts connections and never answers kept `validate --model gpt2` silent for
+# minutes. Env values the user set win; huggingface_hub reads these when it is first imported.
+HUB_TIMEOUT_S = 5
 
 
 def _config_from_hf(d: dict, path: Path) -> dict:
@@ -45,14 +49,18 @@ def _resolve(name_or_dir: str) -> Path:
     # Hub ids are "name" or "org/name"; anything else that is not a directory is a bad local path.
     if p.exists() or name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1:
         raise FileNotFoundError(f"{name_or_dir}: not a directory holding config.json and model weights")
+    for var in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        os.environ.setdefault(var, str(HUB_TIMEOUT_S))
     try:
         from huggingface_hub import snapshot_download
 
         repo = name_or_dir if "/" in name_or_dir or name_or_dir not in HUB_NAMES else f"openai-community/{name_or_dir}"
-        local = snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"])
+        local = snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"],
+                                  etag_timeout=float(os.environ["HF_HUB_ETAG_TIMEOUT"]))
     except Exception as e:
         raise RuntimeError(
-            f"could not fetch {name_or_dir!r} from the HuggingFace hub ({type(e).__name__}: {e}). "
+            f"could not fetch {name_or_dir!r} from the HuggingFace hub at "
+            f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')} ({type(e).__name__}: {e}). "
             f"Offline? Pass a local directory instead, e.g. one written by "
             f"transformers' GPT2LMHeadModel.save_pretrained(dir) or by fastgpt's model.save_pretrained(dir)."
         ) from e

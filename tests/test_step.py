@@ -409,6 +409,46 @@ def test_max_lr_1e6_never_writes_a_checkpoint(chars, tmp_path, micro, capsys):
     assert "not writing a checkpoint at step 1" in capsys.readouterr().out
 
 
+def test_checkpoint_named_healthy_is_judged_by_the_weights_it_holds(chars, tmp_path, micro, capsys):
+    """--max_lr 1e6 from a good checkpoint: the update of step 4 wrecks finite weights, model_00005.pt is
+    written from them (its step's loss, 10.8-ish, came from the weights before). Step 5's loss, computed
+    with those weights, rejects it; --keep_checkpoints 1 still keeps model_00004.pt (confirmed), the stop
+    message names that one with a sane --max_lr, and the pasted advice resumes into the pre-divergence loss."""
+    import re
+    import shlex
+
+    from fastgpt.train import parse_args
+
+    base = dict(checkpoint_interval=1, keep_checkpoints=1, max_steps=20)
+    # From scratch (the issue's repro): model_00001.pt holds wrecked weights; it must not be called healthy.
+    with pytest.raises(TrainError) as e:
+        run(micro_cfg(chars, tmp_path / "fresh", max_lr=1e6, **base))
+    assert "model_00001.pt" not in str(e.value) and "no healthy checkpoint was written yet" in str(e.value)
+    assert "model_00001.pt is not healthy: its weights give loss" in capsys.readouterr().out
+
+    d = tmp_path / "run"
+    assert run(micro_cfg(chars, d, **{**base, "max_steps": 4})) == 0
+    before, _ = log_records(d)
+    good = d / "model_00004.pt"
+    with pytest.raises(TrainError) as e:
+        run(replace(micro_cfg(chars, d, max_lr=1e6, **base), allow_changed="max_steps,max_lr"))
+    msg = str(e.value)
+    assert f"--resume_from {good} " in msg, msg
+    assert good.exists() and finite_state(torch.load(good))
+    lr = float(re.search(r"--max_lr (\S+) --allow_changed", msg).group(1))
+    assert lr <= 3e-3, msg  # the last lr that gave this checkpoint, not 1e6 / 2
+    advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed max_lr)",
+                       msg).group(1)
+    flags, given = parse_args(shlex.split(advice))
+    cfg = micro_cfg(chars, d, max_lr=1e6, **{**base, "max_steps": 8})
+    pasted = {k: getattr(flags, k) for k in given}
+    assert pasted.pop("allow_changed") == "max_lr"  # the run's own command also allowed its new max_steps
+    assert run(replace(cfg, **pasted, allow_changed="max_steps,max_lr")) == 0
+    after, _ = log_records(d)
+    assert abs(after[4][0] - before[3][0]) < 0.5, (before, after)  # resumed into the pre-divergence loss
+    assert all(math.isfinite(after[s][0]) and after[s][0] < before[0][0] for s in range(4, 8)), after
+
+
 def test_nonfinite_optimizer_state_is_not_saved(chars, tmp_path, micro, capsys):
     trainer = Trainer(micro_cfg(chars, tmp_path, max_steps=2), set(TrainConfig.field_names()))
     trainer.wrap_model()

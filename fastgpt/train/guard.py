@@ -73,8 +73,9 @@ class Guard:
     def accept(self, loss: float) -> None:
         self.recent = (self.recent + [loss])[-options.SPIKE_WINDOW:]
 
-    def check_divergence(self, r: StepResult, max_lr: float, advice) -> None:
-        """Raise TrainError when updates keep being skipped; `advice(lower_lr)` says how to go on."""
+    def check_divergence(self, r: StepResult, lower_lr: float, advice) -> None:
+        """Raise TrainError when updates keep being skipped; `lower_lr`: the --max_lr to go on with,
+        `advice(lower_lr)` says how to go on."""
         if not r.skip:
             self.in_row.clear()
             return
@@ -86,7 +87,7 @@ class Guard:
                 Skip.OVERFLOW: "overflowed in fp16 although the loss scaler kept lowering its scale"}[r.skip]
         extra = (" If the data changed on purpose (a new dataset or task), the guard is comparing with the old "
                  "losses: pass --spike_guard 0 for the first steps." if r.skip is Skip.SPIKE else "")
-        lower = f"{max_lr / 2:g}"
+        lower = f"{lower_lr:g}"
         raise TrainError(f"{n} steps in a row {what}; the run is diverging. Lower the learning rate (e.g. "
                          f"--max_lr {lower}) and {advice(lower)}.{extra}")
 

@@ -147,7 +147,8 @@ class Trainer:
                 self.step = step
                 r = self.train_step(step)
                 self.report.step(r)
-                self.guard.check_divergence(r, cfg.max_lr, self.advice)
+                self.ckpt.judge(step, r.loss)  # this loss came from the weights model_{step}.pt holds
+                self.guard.check_divergence(r, self.resume_lr(), self.advice)
                 done, stopping = step + 1, None
                 for every, hook, extra in hooks:
                     if extra and stopping is None:
@@ -239,6 +240,16 @@ class Trainer:
         inner = self.strategy.inner(self.optimizer)
         if hasattr(inner, "undo_step_count"):
             inner.undo_step_count()
+
+    def resume_lr(self) -> float:
+        """The --max_lr the divergence advice gives: the smaller of the lr of the last update before the newest
+        healthy checkpoint, the default max_lr (the CPU default on a CPU) and half the current --max_lr, so a
+        wild --max_lr (1e6) leads back to a known-good one rather than to 500000."""
+        from .plan import CPU_DEFAULTS
+        default = CPU_DEFAULTS["max_lr"] if self.device.type == "cpu" else TrainConfig.max_lr
+        k = self.ckpt.healthy_step
+        at = get_lr(max(k - 1, 0), self.cfg) if k is not None else self.cfg.max_lr
+        return min(at, default, self.cfg.max_lr / 2)
 
     def advice(self, lower_lr: str) -> str:
         return guards.resume_advice(self.ckpt.last_healthy, self.log_dir, lower_lr)
