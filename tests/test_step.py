@@ -389,7 +389,7 @@ def test_weight_blowup_writes_no_checkpoint_and_names_the_healthy_one(chars, tmp
 
     from fastgpt.train import parse_args
 
-    advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed max_lr)",
+    advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed max_lr)\.",
                        str(e.value)).group(1)
     flags, given = parse_args(shlex.split(advice))
     cfg = micro_cfg(chars, tmp_path, max_steps=20, eval_interval=2, checkpoint_interval=2, keep_checkpoints=1)
@@ -437,16 +437,32 @@ def test_checkpoint_named_healthy_is_judged_by_the_weights_it_holds(chars, tmp_p
     assert good.exists() and finite_state(torch.load(good))
     lr = float(re.search(r"--max_lr (\S+) --allow_changed", msg).group(1))
     assert lr <= 3e-3, msg  # the last lr that gave this checkpoint, not 1e6 / 2
-    advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed max_lr)",
+    advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed \S+)\.",
                        msg).group(1)
     flags, given = parse_args(shlex.split(advice))
-    cfg = micro_cfg(chars, d, max_lr=1e6, **{**base, "max_steps": 8})
-    pasted = {k: getattr(flags, k) for k in given}
-    assert pasted.pop("allow_changed") == "max_lr"  # the run's own command also allowed its new max_steps
-    assert run(replace(cfg, **pasted, allow_changed="max_steps,max_lr")) == 0
+    # The pasted --allow_changed replaces the command's own: it keeps max_steps (the checkpoint's run had 4)
+    # and adds max_lr once, so the command with the advice pasted is accepted as it stands.
+    assert flags.allow_changed == "max_steps,max_lr", advice
+    cfg = micro_cfg(chars, d, max_lr=1e6, allow_changed="max_steps,max_lr", **{**base, "max_steps": 8})
+    assert run(replace(cfg, **{k: getattr(flags, k) for k in given})) == 0
     after, _ = log_records(d)
     assert abs(after[4][0] - before[3][0]) < 0.5, (before, after)  # resumed into the pre-divergence loss
     assert all(math.isfinite(after[s][0]) and after[s][0] < before[0][0] for s in range(4, 8)), after
+
+
+def test_resume_advice_keeps_the_runs_own_allow_changed():
+    """The advice's --allow_changed, pasted, replaces the command's: it must still allow what the command did
+    (a raised --max_steps, new data) plus max_lr, each name once, or the pasted command is refused."""
+    from fastgpt.train.guard import resume_advice
+
+    def allowed(own):
+        return resume_advice("log/model_00004.pt", "log", "0.003", own).rsplit("--allow_changed ", 1)[1]
+
+    assert allowed("") == "max_lr"
+    assert allowed("max_steps") == "max_steps,max_lr"
+    assert allowed("--max_steps, data") == "max_steps,data,max_lr"
+    assert allowed("max_lr,seed") == "max_lr,seed"
+    assert "start over" in resume_advice(None, "log", "0.003", "max_steps")
 
 
 def test_nonfinite_optimizer_state_is_not_saved(chars, tmp_path, micro, capsys):

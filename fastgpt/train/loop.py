@@ -252,7 +252,7 @@ class Trainer:
         return min(at, default, self.cfg.max_lr / 2)
 
     def advice(self, lower_lr: str) -> str:
-        return guards.resume_advice(self.ckpt.last_healthy, self.log_dir, lower_lr)
+        return guards.resume_advice(self.ckpt.last_healthy, self.log_dir, lower_lr, self.cfg.allow_changed)
 
     def skipped_update(self, skip: torch.Tensor) -> None:  # the warm-up's: the kernels run, nothing changes
         self.apply_update(skip)
