@@ -3,6 +3,7 @@ host read per step, device-side skips of non-finite and spiking updates, fp16 wi
 healthy checkpoints, the attention configs a run launched recorded and reused."""
 import contextlib
 import math
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -400,6 +401,29 @@ def test_weight_blowup_writes_no_checkpoint_and_names_the_healthy_one(chars, tmp
     assert f"resuming from {healthy} (step 4, val loss {val4:.4f} at step 4)" in resumed
 
 
+def test_sample_of_wrecked_weights_is_skipped_not_a_crash():
+    """A sample due right after an update that wrecked finite weights (--max_lr 1e6 from a checkpoint, sample
+    every 5 steps: the logits overflow, the probabilities are NaN) is skipped with a line, so the run goes on
+    to the checkpoint judgement and the divergence advice instead of ending in torch.multinomial's traceback."""
+    from types import SimpleNamespace
+
+    from fastgpt.model import GPT
+    from fastgpt.train.report import Reporter
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
+    lines = []
+    hook = SimpleNamespace(cfg=SimpleNamespace(sample_prompt="ROMEO:", sample_tokens=4, seed=0), raw=model,
+                           log=lines.append, runlog=None)
+    Reporter.sample(hook, 5)
+    assert lines[-1].startswith("sample at step 5:\nROMEO:"), lines
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e30)
+    Reporter.sample(hook, 6)
+    assert lines[-1].startswith("sample at step 6 skipped: the model's next-token probabilities are not finite"), lines
+
+
 def test_max_lr_1e6_never_writes_a_checkpoint(chars, tmp_path, micro, capsys):
     with pytest.raises(TrainError) as e:
         run(micro_cfg(chars, tmp_path, max_lr=1e6, max_steps=20, eval_interval=1, checkpoint_interval=1,
@@ -435,6 +459,9 @@ def test_checkpoint_named_healthy_is_judged_by_the_weights_it_holds(chars, tmp_p
     msg = str(e.value)
     assert f"--resume_from {good} " in msg, msg
     assert good.exists() and finite_state(torch.load(good))
+    # The rejected one is kept aside, where a plain rerun (which resumes from the newest) does not find it.
+    assert sorted(p.name for p in d.glob("model_*")) == ["model_00004.pt", "model_00005.pt.unhealthy"]
+    assert "model_00005.pt is not healthy: its weights give loss" in capsys.readouterr().out
     lr = float(re.search(r"--max_lr (\S+) --allow_changed", msg).group(1))
     assert lr <= 3e-3, msg  # the last lr that gave this checkpoint, not 1e6 / 2
     advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed \S+)\.",

@@ -265,7 +265,8 @@ class Checkpointer:
 
     def judge(self, step: int, loss: float) -> None:
         """Called with the loss computed with the weights after `step` updates (the next step's training loss):
-        confirms the pending checkpoint of that step, or rejects it (it stays on disk, never named healthy)."""
+        confirms the pending checkpoint of that step, or rejects it: renamed to model_NNNNN.pt.unhealthy, kept
+        (nothing is lost) but out of the way of a resume, which would otherwise pick it as the newest."""
         if self.pending is None or self.pending[0] != step:
             return
         _, p = self.pending
@@ -273,8 +274,12 @@ class Checkpointer:
         if sane_loss(loss, self.raw.config.vocab_size):
             self.last_healthy, self.healthy_step = p, step
         else:
-            self.log(f"{p} is not healthy: its weights give loss {loss:.4g}. "
-                     f"{f'The newest healthy one is {self.last_healthy}' if self.last_healthy else 'No healthy checkpoint exists yet'}.")
+            aside = p.with_name(p.name + ".unhealthy")
+            if self.plan.master:
+                p.replace(aside)
+            healthy = self.last_healthy
+            self.log(f"{p} is not healthy: its weights give loss {loss:.4g}; moved to {aside}, so a resume never "
+                     f"picks it. {f'The newest healthy one is {healthy}' if healthy else 'No healthy checkpoint exists yet'}.")
         self.retain()
 
     def retain(self) -> None:
