@@ -247,9 +247,8 @@ class Trainer:
         wild --max_lr (1e6) leads back to a known-good one rather than to 500000."""
         from .plan import CPU_DEFAULTS
         default = CPU_DEFAULTS["max_lr"] if self.device.type == "cpu" else TrainConfig.max_lr
-        k = self.ckpt.healthy_step
-        at = get_lr(max(k - 1, 0), self.cfg) if k is not None else self.cfg.max_lr
-        return min(at, default, self.cfg.max_lr / 2)
+        at = self.ckpt.healthy_lr  # under the schedule of the run that wrote it (the checkpoint's own flags)
+        return min(at if at is not None else self.cfg.max_lr, default, self.cfg.max_lr / 2)
 
     def advice(self, lower_lr: str) -> str:
         return guards.resume_advice(self.ckpt.last_healthy, self.log_dir, lower_lr, self.cfg.allow_changed)

@@ -110,6 +110,7 @@ class Checkpointer:
         # it is pending and retention keeps the previous confirmed one, whatever --keep_checkpoints says.
         self.last_healthy: Path | None = None  # the newest confirmed checkpoint (or the one resumed from)
         self.healthy_step: int | None = None
+        self.healthy_lr: float | None = None  # the lr of the update that made the confirmed checkpoint's weights
         self.pending: tuple[int, Path] | None = None
         self.finished_changes: dict[str, str] = {}  # settings that differ from a finished checkpoint's run
 
@@ -158,6 +159,10 @@ class Checkpointer:
             return None
         self.resumed_from = self.last_healthy = path
         step = self.healthy_step = int(state["step"])
+        saved = state.get("train_config") or {}  # the schedule of the run that wrote it, not this run's
+        then = replace(self.cfg, **{k: saved[k] for k in ("max_lr", "min_lr_ratio", "warmup_steps", "max_steps")
+                                    if k in saved})
+        self.healthy_lr = get_lr(step - 1, then) if step > 0 else None
         if step < self.cfg.max_steps:
             self.check_same_run(path, state)
         else:  # nothing will train: the differences are only reported (nothing_to_do)
@@ -272,7 +277,7 @@ class Checkpointer:
         _, p = self.pending
         self.pending = None
         if sane_loss(loss, self.raw.config.vocab_size):
-            self.last_healthy, self.healthy_step = p, step
+            self.last_healthy, self.healthy_step, self.healthy_lr = p, step, get_lr(step - 1, self.cfg)
         else:
             aside = p.with_name(p.name + ".unhealthy")
             if self.plan.master:
