@@ -49,6 +49,7 @@ class Trainer:
         why = " (auto)" if cfg.dtype == "auto" else ""
         self.log(f"dtype: {plan.dtype}{why}{' with loss scaling' if self.scaler else ''}")
         self.guard = Guard(plan.cfg.spike_guard)
+        self.train_loader.follow_saved_seed = True  # Checkpointer.resume judges a changed --seed first
         self.ckpt = Checkpointer(plan, self.strategy, self.raw, {
             "loader": self.train_loader, "rng": RNG(), "scaler": Scaler(self.scaler), "guard": self.guard,
             "attention_configs": AttentionConfigs(self.log)},
