@@ -270,8 +270,9 @@ class Checkpointer:
 
     def judge(self, step: int, loss: float) -> None:
         """Called with the loss computed with the weights after `step` updates (the next step's training loss):
-        confirms the pending checkpoint of that step, or rejects it: renamed to model_NNNNN.pt.unhealthy, kept
-        (nothing is lost) but out of the way of a resume, which would otherwise pick it as the newest."""
+        confirms the pending checkpoint of that step, or rejects it (never named healthy). A non-finite loss can
+        only come from the weights: that file is renamed model_NNNNN.pt.unhealthy, kept but out of the way of a
+        resume, which would pick it as the newest. A finite one too high may be one bad batch: the file stays."""
         if self.pending is None or self.pending[0] != step:
             return
         _, p = self.pending
@@ -279,12 +280,14 @@ class Checkpointer:
         if sane_loss(loss, self.raw.config.vocab_size):
             self.last_healthy, self.healthy_step, self.healthy_lr = p, step, get_lr(step - 1, self.cfg)
         else:
-            aside = p.with_name(p.name + ".unhealthy")
-            if self.plan.master:
-                p.replace(aside)
+            aside, moved = p.with_name(p.name + ".unhealthy"), ""
+            if not math.isfinite(loss):
+                if self.plan.master:
+                    p.replace(aside)
+                moved = f"; moved to {aside}, so a resume never picks it"
             healthy = self.last_healthy
-            self.log(f"{p} is not healthy: its weights give loss {loss:.4g}; moved to {aside}, so a resume never "
-                     f"picks it. {f'The newest healthy one is {healthy}' if healthy else 'No healthy checkpoint exists yet'}.")
+            self.log(f"{p} is not healthy: its weights give loss {loss:.4g}{moved}. "
+                     f"{f'The newest healthy one is {healthy}' if healthy else 'No healthy checkpoint exists yet'}.")
         self.retain()
 
     def retain(self) -> None:
