@@ -18,14 +18,19 @@ def _device(name: str) -> str:
     return name
 
 
-def _load_model(args, device: str):
-    """--checkpoint (a training checkpoint) or --model (a HF hub name or local directory)."""
+def _check_model_args(args) -> None:
+    """The model flags' errors that need no torch: callers check them before importing it (seconds)."""
     if bool(args.checkpoint) == bool(args.model):
         raise ValueError("give exactly one of --checkpoint log/model_NNNNN.pt or --model gpt2|DIR")
     if args.checkpoint:
-        from .checkpoint import load_model
-
         _require_checkpoint(args.checkpoint)
+
+
+def _load_model(args, device: str):
+    """--checkpoint (a training checkpoint) or --model (a HF hub name or local directory)."""
+    _check_model_args(args)
+    if args.checkpoint:
+        from .checkpoint import load_model
 
         return load_model(args.checkpoint, device, kernels=args.kernels)
     from .model import GPT
@@ -163,11 +168,6 @@ def _prepare(args) -> int:
 
 
 def _generate(args) -> int:
-    import torch
-
-    from .generate import PromptCroppedWarning
-    from .tokenizer import EOT_TOKEN, get_encoding
-
     if args.num_samples <= 0:
         raise ValueError(f"--num_samples must be positive, got {args.num_samples}")
     if args.max_new_tokens < 0:
@@ -176,6 +176,12 @@ def _generate(args) -> int:
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     if args.top_k < 0:
         raise ValueError(f"--top_k must be >= 0 (0: all tokens), got {args.top_k}")
+    _check_model_args(args)
+    import torch
+
+    from .generate import PromptCroppedWarning
+    from .tokenizer import EOT_TOKEN, get_encoding
+
     device = _device(args.device)
     model = _load_model(args, device)
     enc = get_encoding()
@@ -198,6 +204,7 @@ def _generate(args) -> int:
 
 
 def _eval(args) -> int:
+    _check_model_args(args)
     import torch
     import torch.distributed as dist
 

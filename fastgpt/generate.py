@@ -52,7 +52,13 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    try:
+        return torch.multinomial(probs, 1, generator=generator)
+    except RuntimeError:  # checked only on failure: no host sync per token on the normal path
+        if torch.isfinite(probs).all():
+            raise
+        raise ValueError("the model's next-token probabilities are not finite (its logits are NaN or overflowed): "
+                         "its weights are broken, e.g. by a diverging run") from None
 
 
 @torch.no_grad()

@@ -16,6 +16,10 @@ from .config import GPTConfig
 # Weights stored transposed by HF's Conv1D.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# Seconds to wait for the hub's first answer. snapshot_download asks the hub which revision to fetch with no
+# timeout at all (huggingface_hub 2.x passes timeout=None), so a hub that accepts connections and never
+# answers (a firewall that swallows packets, a dead proxy) kept `validate --model gpt2` silent for minutes.
+HUB_TIMEOUT_S = 5
 
 
 def _config_from_hf(d: dict, path: Path) -> dict:
@@ -45,18 +49,34 @@ def _resolve(name_or_dir: str) -> Path:
     # Hub ids are "name" or "org/name"; anything else that is not a directory is a bad local path.
     if p.exists() or name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1:
         raise FileNotFoundError(f"{name_or_dir}: not a directory holding config.json and model weights")
+    repo = name_or_dir if "/" in name_or_dir or name_or_dir not in HUB_NAMES else f"openai-community/{name_or_dir}"
     try:
-        from huggingface_hub import snapshot_download
-
-        repo = name_or_dir if "/" in name_or_dir or name_or_dir not in HUB_NAMES else f"openai-community/{name_or_dir}"
-        local = snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"])
+        local = _download(repo)
     except Exception as e:
         raise RuntimeError(
-            f"could not fetch {name_or_dir!r} from the HuggingFace hub ({type(e).__name__}: {e}). "
+            f"could not fetch {name_or_dir!r} from the HuggingFace hub at "
+            f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')} ({type(e).__name__}: {e}). "
             f"Offline? Pass a local directory instead, e.g. one written by "
             f"transformers' GPT2LMHeadModel.save_pretrained(dir) or by fastgpt's model.save_pretrained(dir)."
         ) from e
     return Path(local)
+
+
+def _download(repo: str) -> str:
+    """config.json + weights of `repo` into the HF cache (its path). The revision is asked for first, with
+    HUB_TIMEOUT_S: the commit hash it gives lets snapshot_download skip its own unbounded ask. A hub that
+    does not answer in time falls back to the cache, as snapshot_download itself does offline."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = ["config.json", "model.safetensors"]
+    try:
+        sha = HfApi().repo_info(repo, timeout=HUB_TIMEOUT_S).sha
+    except Exception as e:
+        try:
+            return snapshot_download(repo, allow_patterns=files, local_files_only=True)
+        except Exception:
+            raise e from None
+    return snapshot_download(repo, revision=sha, allow_patterns=files, etag_timeout=HUB_TIMEOUT_S)
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:

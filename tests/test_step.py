@@ -3,6 +3,7 @@ host read per step, device-side skips of non-finite and spiking updates, fp16 wi
 healthy checkpoints, the attention configs a run launched recorded and reused."""
 import contextlib
 import math
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -14,7 +15,7 @@ import torch
 from _train_util import SHAKESPEARE, log_records, nano_args, one_thread, steps  # noqa: F401
 from fastgpt import data, train
 from fastgpt.config import PRESETS, GPTConfig, TrainConfig
-from fastgpt.train import Trainer, TrainError, choose_dtype, main
+from fastgpt.train import Trainer, TrainError, choose_dtype, get_lr, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -389,7 +390,7 @@ def test_weight_blowup_writes_no_checkpoint_and_names_the_healthy_one(chars, tmp
 
     from fastgpt.train import parse_args
 
-    advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed max_lr)",
+    advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed max_lr)\.",
                        str(e.value)).group(1)
     flags, given = parse_args(shlex.split(advice))
     cfg = micro_cfg(chars, tmp_path, max_steps=20, eval_interval=2, checkpoint_interval=2, keep_checkpoints=1)
@@ -400,6 +401,29 @@ def test_weight_blowup_writes_no_checkpoint_and_names_the_healthy_one(chars, tmp
     assert f"resuming from {healthy} (step 4, val loss {val4:.4f} at step 4)" in resumed
 
 
+def test_sample_of_wrecked_weights_is_skipped_not_a_crash():
+    """A sample due right after an update that wrecked finite weights (--max_lr 1e6 from a checkpoint, sample
+    every 5 steps: the logits overflow, the probabilities are NaN) is skipped with a line, so the run goes on
+    to the checkpoint judgement and the divergence advice instead of ending in torch.multinomial's traceback."""
+    from types import SimpleNamespace
+
+    from fastgpt.model import GPT
+    from fastgpt.train.report import Reporter
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
+    lines = []
+    hook = SimpleNamespace(cfg=SimpleNamespace(sample_prompt="ROMEO:", sample_tokens=4, seed=0), raw=model,
+                           log=lines.append, runlog=None)
+    Reporter.sample(hook, 5)
+    assert lines[-1].startswith("sample at step 5:\nROMEO:"), lines
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e30)
+    Reporter.sample(hook, 6)
+    assert lines[-1].startswith("sample at step 6 skipped: the model's next-token probabilities are not finite"), lines
+
+
 def test_max_lr_1e6_never_writes_a_checkpoint(chars, tmp_path, micro, capsys):
     with pytest.raises(TrainError) as e:
         run(micro_cfg(chars, tmp_path, max_lr=1e6, max_steps=20, eval_interval=1, checkpoint_interval=1,
@@ -407,6 +431,65 @@ def test_max_lr_1e6_never_writes_a_checkpoint(chars, tmp_path, micro, capsys):
     assert not list(tmp_path.glob("model_*.pt"))
     assert "no healthy checkpoint was written yet" in str(e.value)
     assert "not writing a checkpoint at step 1" in capsys.readouterr().out
+
+
+def test_checkpoint_named_healthy_is_judged_by_the_weights_it_holds(chars, tmp_path, micro, capsys):
+    """--max_lr 1e6 from a good checkpoint: the update of step 4 wrecks finite weights, model_00005.pt is
+    written from them (its step's loss, 10.8-ish, came from the weights before). Step 5's loss, computed
+    with those weights, rejects it; --keep_checkpoints 1 still keeps model_00004.pt (confirmed), the stop
+    message names that one with a sane --max_lr, and the pasted advice resumes into the pre-divergence loss."""
+    import re
+    import shlex
+
+    from fastgpt.train import parse_args
+
+    base = dict(checkpoint_interval=1, keep_checkpoints=1, max_steps=20)
+    # From scratch (the issue's repro): model_00001.pt holds wrecked weights; it must not be called healthy.
+    with pytest.raises(TrainError) as e:
+        run(micro_cfg(chars, tmp_path / "fresh", max_lr=1e6, **base))
+    assert "model_00001.pt" not in str(e.value) and "no healthy checkpoint was written yet" in str(e.value)
+    assert "model_00001.pt is not healthy: its weights give loss" in capsys.readouterr().out
+
+    d = tmp_path / "run"
+    assert run(micro_cfg(chars, d, **{**base, "max_steps": 4})) == 0
+    before, _ = log_records(d)
+    good = d / "model_00004.pt"
+    with pytest.raises(TrainError) as e:
+        run(replace(micro_cfg(chars, d, max_lr=1e6, **base), allow_changed="max_steps,max_lr"))
+    msg = str(e.value)
+    assert f"--resume_from {good} " in msg, msg
+    assert good.exists() and finite_state(torch.load(good))
+    # The rejected one is kept aside, where a plain rerun (which resumes from the newest) does not find it.
+    assert sorted(p.name for p in d.glob("model_*")) == ["model_00004.pt", "model_00005.pt.unhealthy"]
+    assert "model_00005.pt is not healthy: its weights give loss" in capsys.readouterr().out
+    # The lr of the update that made model_00004.pt (under its own run's schedule), not 1e6 / 2.
+    assert f"--max_lr {get_lr(3, micro_cfg(chars, d, **{**base, 'max_steps': 4})):g} --allow_changed" in msg, msg
+    advice = re.search(r"run the same command with (--resume_from \S+ --max_lr \S+ --allow_changed \S+)\.",
+                       msg).group(1)
+    flags, given = parse_args(shlex.split(advice))
+    # The pasted --allow_changed replaces the command's own: it keeps max_steps (the checkpoint's run had 4)
+    # and adds max_lr once, so the command with the advice pasted is accepted as it stands.
+    assert flags.allow_changed == "max_steps,max_lr", advice
+    cfg = micro_cfg(chars, d, max_lr=1e6, allow_changed="max_steps,max_lr", **{**base, "max_steps": 8})
+    assert run(replace(cfg, **{k: getattr(flags, k) for k in given})) == 0
+    after, _ = log_records(d)
+    assert abs(after[4][0] - before[3][0]) < 0.5, (before, after)  # resumed into the pre-divergence loss
+    assert all(math.isfinite(after[s][0]) and after[s][0] < before[0][0] for s in range(4, 8)), after
+
+
+def test_resume_advice_keeps_the_runs_own_allow_changed():
+    """The advice's --allow_changed, pasted, replaces the command's: it must still allow what the command did
+    (a raised --max_steps, new data) plus max_lr, each name once, or the pasted command is refused."""
+    from fastgpt.train.guard import resume_advice
+
+    def allowed(own):
+        return resume_advice("log/model_00004.pt", "log", "0.003", own).rsplit("--allow_changed ", 1)[1]
+
+    assert allowed("") == "max_lr"
+    assert allowed("max_steps") == "max_steps,max_lr"
+    assert allowed("--max_steps, data") == "max_steps,data,max_lr"
+    assert allowed("max_lr,seed") == "max_lr,seed"
+    assert "start over" in resume_advice(None, "log", "0.003", "max_steps")
 
 
 def test_nonfinite_optimizer_state_is_not_saved(chars, tmp_path, micro, capsys):

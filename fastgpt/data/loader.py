@@ -71,6 +71,9 @@ class ShardLoader:
         # windows: window starts per shard (a window is T+1 tokens), numbered across shards
         self.wstarts = np.cumsum([0] + [max(n - T, 0) for n in lengths]).tolist()
         self._perms: dict[int, np.ndarray] = {}
+        # A resumed run sets this: its resume check has already refused a --seed change not allowed (compared with
+        # the checkpoint's train_config), and the order's seed is the loader's state, so it follows the saved one.
+        self.follow_saved_seed = False
         self.next = 0  # the global index rank 0 reads next; rank r reads next + r
         self._maps: dict[int, np.ndarray] = {}
 
@@ -151,6 +154,9 @@ class ShardLoader:
             # position // (B*T) also maps a state saved with another batch shape to a whole chunk.
             self.next = int(state.get("epoch", 0)) * self.total + self.starts[shard] + pos // (self.B * self.T)
             return
+        if int(state["chunks"]) == self.total and int(state["seed"]) != self.seed and self.follow_saved_seed:
+            self.seed = int(state["seed"])  # the order continues the checkpoint's, and so do later checkpoints
+            self._perms.clear()
         if int(state["seed"]) != self.seed or int(state["chunks"]) != self.total:
             raise DataError(f"the checkpoint's shuffled order (seed {state['seed']}, {state['chunks']} chunks) is "
                             f"not this run's (seed {self.seed}, {self.total} chunks of {self.B}x{self.T}): "

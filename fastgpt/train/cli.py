@@ -4,15 +4,16 @@ from __future__ import annotations
 import sys
 
 from .options import TrainConfig, TrainError, parse_args
-from .plan import CPU_DEFAULTS
+from .plan import CPU_DEFAULTS, check_before_torch
 
 
 def main(argv=None, prog: str = "train.py") -> int:
     cpu = " ".join(f"--{k} {v}" for k, v in CPU_DEFAULTS.items())
     epilog = (f"Without a GPU and without --model, flags you do not give default to: {cpu}. "
               f"An existing checkpoint in --log_dir is resumed.")
-    try:
+    try:  # flags first: an error in them is printed before torch is imported (parsing imports none)
         cfg, given = parse_args(argv, prog, epilog)
+        check_before_torch(cfg)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

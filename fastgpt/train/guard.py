@@ -73,8 +73,9 @@ class Guard:
     def accept(self, loss: float) -> None:
         self.recent = (self.recent + [loss])[-options.SPIKE_WINDOW:]
 
-    def check_divergence(self, r: StepResult, max_lr: float, advice) -> None:
-        """Raise TrainError when updates keep being skipped; `advice(lower_lr)` says how to go on."""
+    def check_divergence(self, r: StepResult, lower_lr: float, advice) -> None:
+        """Raise TrainError when updates keep being skipped; `lower_lr`: the --max_lr to go on with,
+        `advice(lower_lr)` says how to go on."""
         if not r.skip:
             self.in_row.clear()
             return
@@ -86,7 +87,7 @@ class Guard:
                 Skip.OVERFLOW: "overflowed in fp16 although the loss scaler kept lowering its scale"}[r.skip]
         extra = (" If the data changed on purpose (a new dataset or task), the guard is comparing with the old "
                  "losses: pass --spike_guard 0 for the first steps." if r.skip is Skip.SPIKE else "")
-        lower = f"{max_lr / 2:g}"
+        lower = f"{lower_lr:g}"
         raise TrainError(f"{n} steps in a row {what}; the run is diverging. Lower the learning rate (e.g. "
                          f"--max_lr {lower}) and {advice(lower)}.{extra}")
 
@@ -99,13 +100,16 @@ class Guard:
         self.in_row = {Skip(str(k)): int(v) for k, v in state.get("skips_in_row", {}).items()}
 
 
-def resume_advice(healthy, log_dir, lower_lr: str) -> str:
+def resume_advice(healthy, log_dir, lower_lr: str, allow_changed: str = "") -> str:
     """How to go on after a divergence: from the newest healthy checkpoint, named, with flags that the
-    changed-run check accepts (a new --max_lr must be allowed explicitly)."""
+    changed-run check accepts (a new --max_lr must be allowed explicitly). `allow_changed`: the run's own
+    --allow_changed; the advice's flag replaces it when pasted, so it keeps those names and adds max_lr."""
     if healthy is None:
         return f"start over (no healthy checkpoint was written yet): remove {log_dir} or pass a new --log_dir"
+    names = [v.strip().lstrip("-") for v in allow_changed.split(",") if v.strip()] + ["max_lr"]
+    allowed = ",".join(dict.fromkeys(names))  # the user's order, each name once
     return (f"resume from the newest healthy checkpoint, {healthy}: run the same command with "
-            f"--resume_from {healthy} --max_lr {lower_lr} --allow_changed max_lr")
+            f"--resume_from {healthy} --max_lr {lower_lr} --allow_changed {allowed}")
 
 
 def unhealthy(guard: Guard, last_val: float | None, vocab_size: int, raw, optimizer, device, ddp: bool) -> str | None:

@@ -49,6 +49,7 @@ class Trainer:
         why = " (auto)" if cfg.dtype == "auto" else ""
         self.log(f"dtype: {plan.dtype}{why}{' with loss scaling' if self.scaler else ''}")
         self.guard = Guard(plan.cfg.spike_guard)
+        self.train_loader.follow_saved_seed = True  # Checkpointer.resume judges a changed --seed first
         self.ckpt = Checkpointer(plan, self.strategy, self.raw, {
             "loader": self.train_loader, "rng": RNG(), "scaler": Scaler(self.scaler), "guard": self.guard,
             "attention_configs": AttentionConfigs(self.log)},
@@ -147,7 +148,8 @@ class Trainer:
                 self.step = step
                 r = self.train_step(step)
                 self.report.step(r)
-                self.guard.check_divergence(r, cfg.max_lr, self.advice)
+                self.ckpt.judge(step, r.loss)  # this loss came from the weights model_{step}.pt holds
+                self.guard.check_divergence(r, self.resume_lr(), self.advice)
                 done, stopping = step + 1, None
                 for every, hook, extra in hooks:
                     if extra and stopping is None:
@@ -240,8 +242,17 @@ class Trainer:
         if hasattr(inner, "undo_step_count"):
             inner.undo_step_count()
 
+    def resume_lr(self) -> float:
+        """The --max_lr the divergence advice gives: the smaller of the lr of the last update before the newest
+        healthy checkpoint, the default max_lr (the CPU default on a CPU) and half the current --max_lr, so a
+        wild --max_lr (1e6) leads back to a known-good one rather than to 500000."""
+        from .plan import CPU_DEFAULTS
+        default = CPU_DEFAULTS["max_lr"] if self.device.type == "cpu" else TrainConfig.max_lr
+        at = self.ckpt.healthy_lr  # under the schedule of the run that wrote it (the checkpoint's own flags)
+        return min(at if at is not None else self.cfg.max_lr, default, self.cfg.max_lr / 2)
+
     def advice(self, lower_lr: str) -> str:
-        return guards.resume_advice(self.ckpt.last_healthy, self.log_dir, lower_lr)
+        return guards.resume_advice(self.ckpt.last_healthy, self.log_dir, lower_lr, self.cfg.allow_changed)
 
     def skipped_update(self, skip: torch.Tensor) -> None:  # the warm-up's: the kernels run, nothing changes
         self.apply_update(skip)

@@ -14,27 +14,12 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 from ..config import DTYPE_CHOICES, KERNEL_CHOICES, PRESETS
 
-
-
-def shard_choices() -> tuple[str, ...]:
-    """The --shard modes: one fastgpt/parallel/<mode>.py each, registered in parallel.STRATEGIES."""
-    from ..parallel import STRATEGIES
-
-    return tuple(STRATEGIES)
-
-
-def data_order_choices() -> tuple[str, ...]:
-    """The --data_order values of the train loader (fastgpt/data/loader.py)."""
-    from ..data import DATA_ORDERS
-
-    return tuple(DATA_ORDERS)
-
-
-def recipe_choices() -> tuple[str, ...]:
-    """The --recipe names (fastgpt/data/recipes.py)."""
-    from ..data.recipes import RECIPES
-
-    return tuple(sorted(RECIPES))
+# The names of registries whose packages import torch (parallel.STRATEGIES, data.DATA_ORDERS,
+# data.recipes.RECIPES), spelled out so that parsing the flags (--help, a flag error) imports no torch, a
+# few seconds on a loaded machine. tests/test_lazy_import.py checks that they match the registries.
+SHARD_MODES = ("ddp", "zero1", "fsdp")  # fastgpt/parallel/<mode>.py, in Strategy.order
+DATA_ORDERS = ("shuffled", "sequential", "windows")  # fastgpt/data/loader.py
+RECIPES = ("gpt2-124m-fineweb",)  # fastgpt/data/recipes.py, sorted
 
 
 SPIKE_WINDOW = 20  # the spike guard compares a loss with the mean of this many recent accepted losses,
@@ -73,9 +58,9 @@ class TrainConfig:
     data_root: str = flag("shakespeare_data", "directory with train_*.npy / val_*.npy token shards")
     data_order: str = flag("shuffled", "train chunks in a seeded permutation per epoch (shuffled), in order "
                                        "(sequential), or nanoGPT's random windows (windows); docs/data.md",
-                           choices=data_order_choices)
+                           choices=DATA_ORDERS)
     recipe: str | None = flag(None, "fill the flags not given from a named recipe (gpt2-124m-fineweb: build-nanogpt's "
-                                    "124M run)", choices=recipe_choices)
+                                    "124M run)", choices=RECIPES)
     total_batch_size: int = flag(32768, "tokens per optimizer step, over all ranks and accumulation micro-steps",
                                  resume=True)
     micro_batch_size: int = flag(16, "sequences per forward pass per rank (lower it if you run out of memory)",
@@ -133,7 +118,7 @@ class TrainConfig:
     hellaswag_limit: int = flag(0, "evaluate only the first N HellaSwag examples (0: all)", check=at_least_0)
     shard: str = flag("ddp", "with several ranks: ddp (full copy per rank), zero1 (AdamW state sharded) or fsdp "
                              "(weights, gradients and AdamW state sharded, FSDP2); checkpoints are the same whichever "
-                             "you use", choices=shard_choices)
+                             "you use", choices=SHARD_MODES)
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward (less memory, "
                                                  "~1/3 more compute, same losses)")
 

@@ -108,7 +108,7 @@ def resolve(cfg: TrainConfig, given=frozenset(), env: Env | None = None) -> RunP
         gcfg, init_state, model_name, note = load_init_weights(cfg, given)
         notes.append(note)
     sample_every, examples = check_watch_flags(cfg, gcfg, env.world)
-    check_log_dir(Path(cfg.log_dir))
+    check_before_torch(cfg)
     if cfg.restart and cfg.resume_from:
         raise TrainError("--restart starts a new run and --resume_from continues one: give only one")
     if cfg.resume_from and not Path(cfg.resume_from).is_file():
@@ -145,6 +145,16 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
         return min_lr
     ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - min_lr)
+
+
+def check_before_torch(cfg: TrainConfig) -> None:
+    """The flag errors that need neither torch nor a model: main() checks them before importing torch (seconds),
+    resolve() again for callers of the API. --device cpu with --kernels triton and no interpreter is decided
+    here on the flags alone, in the words the kernels use (kernels.why_not)."""
+    check_log_dir(Path(cfg.log_dir))
+    if cfg.kernels == "triton" and cfg.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise TrainError("--kernels triton: kernels='triton' was requested but Triton cannot run here: tensors are "
+                         "on the CPU and TRITON_INTERPRET=1 is not set. Use --kernels auto or --kernels torch.")
 
 
 def check_log_dir(d: Path) -> None:

@@ -55,8 +55,12 @@ class Reporter:
         from ..generate import sample_text
 
         prompt = self.cfg.sample_prompt
-        text = sample_text(self.raw, prompt, self.cfg.sample_tokens, temperature=1.0, top_k=50,
-                           seed=self.cfg.seed + done)
+        try:
+            text = sample_text(self.raw, prompt, self.cfg.sample_tokens, temperature=1.0, top_k=50,
+                               seed=self.cfg.seed + done)
+        except ValueError as e:  # weights wrecked by the last update: the checkpoint judgement and guard follow
+            self.log(f"sample at step {done} skipped: {e}")
+            return
         self.log(f"sample at step {done}:\n{prompt + text}")
         if self.runlog is not None:
             self.runlog.sample(done, prompt, text)

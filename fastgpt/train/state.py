@@ -13,6 +13,7 @@ files aside -> apply each part. The file format is plain dicts and CPU tensors (
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -67,6 +68,11 @@ class AttentionConfigs:
             self.log(f"attention: launching the {n} kernel configs recorded in the checkpoint (no autotuning)")
 
 
+def sane_loss(loss, vocab_size: int) -> bool:
+    """A loss that weights which learned nothing wrong can give: finite and under 2x a uniform guess's."""
+    return loss is not None and math.isfinite(loss) and loss <= 2 * math.log(vocab_size)
+
+
 def install_attention_configs(entries) -> int:
     """kernels.install_attention_configs(entries) where triton is present; how many were installed."""
     if not entries:
@@ -99,7 +105,13 @@ class Checkpointer:
         self.data_paths = data_paths
         self.fingerprint: dict | None = None  # computed once, on first use (it hashes the shards)
         self.resumed_from: Path | None = None
-        self.last_healthy: Path | None = None  # the newest checkpoint this run wrote (or resumed from)
+        # A checkpoint is judged by the weights it holds: model_{k}.pt is confirmed healthy once the loss those
+        # weights give is known sane (step k's own loss, one step later, or a val loss at step k). Until then
+        # it is pending and retention keeps the previous confirmed one, whatever --keep_checkpoints says.
+        self.last_healthy: Path | None = None  # the newest confirmed checkpoint (or the one resumed from)
+        self.healthy_step: int | None = None
+        self.healthy_lr: float | None = None  # the lr of the update that made the confirmed checkpoint's weights
+        self.pending: tuple[int, Path] | None = None
         self.finished_changes: dict[str, str] = {}  # settings that differ from a finished checkpoint's run
 
     def data_fingerprint(self) -> dict:
@@ -146,7 +158,11 @@ class Checkpointer:
         if state is None:
             return None
         self.resumed_from = self.last_healthy = path
-        step = int(state["step"])
+        step = self.healthy_step = int(state["step"])
+        saved = state.get("train_config") or {}  # the schedule of the run that wrote it, not this run's
+        then = replace(self.cfg, **{k: saved[k] for k in ("max_lr", "min_lr_ratio", "warmup_steps", "max_steps")
+                                    if k in saved})
+        self.healthy_lr = get_lr(step - 1, then) if step > 0 else None
         if step < self.cfg.max_steps:
             self.check_same_run(path, state)
         else:  # nothing will train: the differences are only reported (nothing_to_do)
@@ -229,7 +245,7 @@ class Checkpointer:
         `val`: (the last val loss, its step). An unhealthy state (`problem`, from guard.unhealthy) is never
         written: returns None and deletes nothing, so retention never removes the newest healthy checkpoint."""
         if problem:
-            path = self.last_healthy
+            self.pending, path = None, self.last_healthy
             self.log(f"not writing a checkpoint at step {step}: {problem}. "
                      f"{f'The newest healthy one is {path}' if path else 'No healthy checkpoint exists yet'}.")
             return None
@@ -243,11 +259,42 @@ class Checkpointer:
                 kept = f"; the previous checkpoint {prev[-1]} is intact" if prev else ""
                 raise TrainError(ckpt_io.describe_write_error(p, e) + kept +
                                  ". Free space or fix the directory, then run the same command to resume.") from None
-            if self.cfg.keep_checkpoints > 0:
-                for _, old in ckpt_io.list_checkpoints(self.log_dir)[:-self.cfg.keep_checkpoints]:
-                    if old != p:
-                        old.unlink(missing_ok=True)
         if self.plan.ddp:
             dist.barrier()
-        self.last_healthy = p
+        self.pending = (step, p)
+        if val[1] == step and sane_loss(val[0], self.raw.config.vocab_size):  # a val loss of these very weights
+            self.judge(step, val[0])
+        else:
+            self.retain()
         return p
+
+    def judge(self, step: int, loss: float) -> None:
+        """Called with the loss computed with the weights after `step` updates (the next step's training loss):
+        confirms the pending checkpoint of that step, or rejects it (never named healthy). A non-finite loss can
+        only come from the weights: that file is renamed model_NNNNN.pt.unhealthy, kept but out of the way of a
+        resume, which would pick it as the newest. A finite one too high may be one bad batch: the file stays."""
+        if self.pending is None or self.pending[0] != step:
+            return
+        _, p = self.pending
+        self.pending = None
+        if sane_loss(loss, self.raw.config.vocab_size):
+            self.last_healthy, self.healthy_step, self.healthy_lr = p, step, get_lr(step - 1, self.cfg)
+        else:
+            aside, moved = p.with_name(p.name + ".unhealthy"), ""
+            if not math.isfinite(loss):
+                if self.plan.master:
+                    p.replace(aside)
+                moved = f"; moved to {aside}, so a resume never picks it"
+            healthy = self.last_healthy
+            self.log(f"{p} is not healthy: its weights give loss {loss:.4g}{moved}. "
+                     f"{f'The newest healthy one is {healthy}' if healthy else 'No healthy checkpoint exists yet'}.")
+        self.retain()
+
+    def retain(self) -> None:
+        """--keep_checkpoints: delete all but the newest N, never the confirmed-healthy or the pending one."""
+        if not self.plan.master or self.cfg.keep_checkpoints <= 0:
+            return
+        keep = {self.last_healthy, self.pending[1] if self.pending else None}
+        for _, old in ckpt_io.list_checkpoints(self.log_dir)[:-self.cfg.keep_checkpoints]:
+            if old not in keep:
+                old.unlink(missing_ok=True)
