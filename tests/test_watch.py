@@ -302,6 +302,7 @@ def test_init_from_a_local_hf_model_starts_at_its_loss(corpus, tmp_path, capsys,
 
     from fastgpt import GPT
     from fastgpt.data import ShardLoader
+    from fastgpt.train.options import TrainConfig
 
     add_nano(monkeypatch)
     torch.manual_seed(0)
@@ -320,7 +321,7 @@ def test_init_from_a_local_hf_model_starts_at_its_loss(corpus, tmp_path, capsys,
     assert "init_from: HuggingFace GPT-2 weights" in out and "-> nano (block_size 64)" in out
     # The first step's loss is the HF model's loss on the first two micro-batches.
     model = GPT.from_pretrained(str(tmp_path / "hf"), kernels="torch")
-    loader = ShardLoader(corpus, "train", 4, 64, verbose=False)
+    loader = ShardLoader(corpus, "train", 4, 64, verbose=False, order=TrainConfig.data_order, seed=TrainConfig.seed)
     with torch.no_grad():
         want = sum(model(*loader.next_batch())[1].item() for _ in range(2)) / 2
     first = train_records(tmp_path / "ft")[0]["loss"]
