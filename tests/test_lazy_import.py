@@ -77,3 +77,17 @@ def test_spelled_out_choices_match_the_registries():
     assert options.SHARD_MODES == tuple(STRATEGIES)
     assert options.DATA_ORDERS == tuple(DATA_ORDERS)
     assert options.RECIPES == tuple(sorted(RECIPES))
+
+
+def test_a_new_strategy_file_is_a_new_shard_choice(tmp_path):
+    """Adding a sharding mode is adding one file: its class's `name` and `order` become a --shard choice."""
+    import shutil
+
+    from fastgpt.train import options
+
+    parallel = ROOT / "fastgpt" / "parallel"
+    shutil.copytree(parallel, tmp_path / "parallel")
+    (tmp_path / "parallel" / "pipeline.py").write_text(
+        "from .common import Strategy\n\n\nclass Pipeline(Strategy):\n    name = \"pipeline\"\n    order = 1\n")
+    assert options._declared_strategies(parallel) == ("ddp", "zero1", "fsdp")
+    assert options._declared_strategies(tmp_path / "parallel") == ("ddp", "pipeline", "zero1", "fsdp")

@@ -9,17 +9,46 @@ Adding a flag = adding one field here.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
 
 from ..config import DTYPE_CHOICES, KERNEL_CHOICES, PRESETS
 
-# The names of registries whose packages import torch (parallel.STRATEGIES, data.DATA_ORDERS,
-# data.recipes.RECIPES), spelled out so that parsing the flags (--help, a flag error) imports no torch, a
-# few seconds on a loaded machine. tests/test_lazy_import.py checks that they match the registries.
-SHARD_MODES = ("ddp", "zero1", "fsdp")  # fastgpt/parallel/<mode>.py, in Strategy.order
-DATA_ORDERS = ("shuffled", "sequential", "windows")  # fastgpt/data/loader.py
-RECIPES = ("gpt2-124m-fineweb",)  # fastgpt/data/recipes.py, sorted
+_PKG = Path(__file__).resolve().parent.parent  # fastgpt/
+
+
+def _module_literal(path: Path, name: str):
+    """The literal assigned to `name` at the top of the module at `path`, read without importing it."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return ast.literal_eval(node.value)
+    raise LookupError(f"{path} assigns no literal {name}")
+
+
+def _declared_strategies(parallel: Path = _PKG / "parallel") -> tuple[str, ...]:
+    """The --shard names, in Strategy.order: each class in `parallel`/*.py that sets a string `name`
+    (with its `order`, default 0, then name), read from the source without importing it."""
+    found = []
+    for path in sorted(parallel.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                attrs = {t.id: ast.literal_eval(a.value) for a in node.body if isinstance(a, ast.Assign)
+                         for t in a.targets if isinstance(t, ast.Name) and t.id in ("name", "order")}
+                if attrs.get("name"):
+                    found.append((attrs.get("order", 0), attrs["name"]))
+    return tuple(n for _, n in sorted(found))
+
+
+# The choices of --shard, --data_order and --recipe come from their registries' source files, read as text:
+# their packages import torch or numpy, and parsing the flags (--help, a flag error) must not wait seconds
+# for them. tests/test_lazy_import.py checks that they equal the imported registries.
+SHARD_MODES = _declared_strategies()  # parallel.STRATEGIES: one file per mode
+DATA_ORDERS = tuple(_module_literal(_PKG / "data" / "loader.py", "DATA_ORDERS"))  # data.DATA_ORDERS
+RECIPES = tuple(sorted(_module_literal(_PKG / "data" / "recipes.py", "RECIPES")))  # data.recipes.RECIPES
 
 
 SPIKE_WINDOW = 20  # the spike guard compares a loss with the mean of this many recent accepted losses,
