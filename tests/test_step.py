@@ -314,6 +314,9 @@ def test_spike_is_skipped_logged_and_resumes_exactly(chars, tmp_path, micro, mon
     assert "skipped: loss spike, above 3 x the recent mean" in line and "weights unchanged" in line
     assert ref[6][0] > 3 * sum(ref[s][0] for s in range(6)) / 6
     assert out.count("| skipped") == 1
+    # Step 6's loss was too high for model_00006.pt's weights to be called healthy, but the update was skipped:
+    # step 7 sees the same weights (and a sane loss), so the file is not moved aside as wrecked.
+    assert "is not healthy" not in out and not list((tmp_path / "ref").glob("*.unhealthy"))
     # The skipped update changed nothing: the same checkpoint contents before and after step 6.
     a, b = torch.load(tmp_path / "ref" / "model_00006.pt"), torch.load(tmp_path / "ref" / "model_00007.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -475,6 +478,29 @@ def test_checkpoint_named_healthy_is_judged_by_the_weights_it_holds(chars, tmp_p
     after, _ = log_records(d)
     assert abs(after[4][0] - before[3][0]) < 0.5, (before, after)  # resumed into the pre-divergence loss
     assert all(math.isfinite(after[s][0]) and after[s][0] < before[0][0] for s in range(4, 8)), after
+
+
+def test_finite_wrecked_checkpoint_is_moved_aside_so_a_plain_rerun_skips_it(chars, tmp_path, micro, monkeypatch,
+                                                                           capsys):
+    """model_00004.pt's weights give a finite loss 1e6 x too high (as --max_lr 1e6 leaves them: 1.6e12 on
+    GPT-2's vocabulary) and step 4's update is applied (spike guard off). The file is renamed .unhealthy, so
+    the same command run again resumes from the confirmed model_00003.pt, not from the wrecked weights."""
+    from fastgpt.model import GPT
+
+    real = GPT.forward
+    poison_loss(monkeypatch, {4}, lambda loss: loss * 1e6)
+    cfg = micro_cfg(chars, tmp_path, max_steps=5, checkpoint_interval=1, keep_checkpoints=1, spike_guard=0)
+    assert run(cfg) == 0
+    monkeypatch.setattr(GPT, "forward", real)
+    out = capsys.readouterr().out
+    wrecked = tmp_path / "model_00004.pt"
+    assert f"{wrecked} is not healthy: its weights give loss" in out and f"moved to {wrecked}.unhealthy" in out
+    assert "not writing a checkpoint at step 5" in out  # the update from that loss is not trusted either
+    assert sorted(p.name for p in tmp_path.glob("model_*")) == ["model_00003.pt", "model_00004.pt.unhealthy"]
+    # The same command again resumes from the confirmed checkpoint and finishes the run.
+    assert run(cfg) == 0
+    assert f"resuming from {tmp_path / 'model_00003.pt'} (step 3" in capsys.readouterr().out
+    assert (tmp_path / "model_00005.pt").exists()
 
 
 def test_resume_advice_keeps_the_runs_own_allow_changed():

@@ -18,7 +18,7 @@ from ..parallel import check_same_start, strategy
 from ..parallel.watchdog import StopRequest, Watchdog
 from . import guard as guards
 from . import setup
-from .guard import Guard, StepResult
+from .guard import Guard, Skip, StepResult
 from .options import TrainConfig, TrainError
 from .plan import Env, get_lr, resolve
 from . import report
@@ -148,7 +148,7 @@ class Trainer:
                 self.step = step
                 r = self.train_step(step)
                 self.report.step(r)
-                self.ckpt.judge(step, r.loss)  # this loss came from the weights model_{step}.pt holds
+                self.ckpt.judge(step, r.loss, r.skip is not Skip.NONE)  # r.loss came from model_{step}.pt's weights
                 self.guard.check_divergence(r, self.resume_lr(), self.advice)
                 done, stopping = step + 1, None
                 for every, hook, extra in hooks:

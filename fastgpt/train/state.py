@@ -268,26 +268,31 @@ class Checkpointer:
             self.retain()
         return p
 
-    def judge(self, step: int, loss: float) -> None:
+    def judge(self, step: int, loss: float, skipped: bool = False) -> None:
         """Called with the loss computed with the weights after `step` updates (the next step's training loss):
-        confirms the pending checkpoint of that step, or rejects it (never named healthy). A non-finite loss can
-        only come from the weights: that file is renamed model_NNNNN.pt.unhealthy, kept but out of the way of a
-        resume, which would pick it as the newest. A finite one too high may be one bad batch: the file stays."""
+        confirms the pending checkpoint of that step, or rejects it (never named healthy). `skipped`: that
+        step's update was not applied, so the next step's loss sees the same weights.
+
+        A rejected file is renamed model_NNNNN.pt.unhealthy, kept but out of the way of a resume (which picks
+        the newest). A finite loss that high may be one bad batch rather than the weights: when the update
+        was skipped (the spike guard), the next batch judges the same weights again before anything moves."""
         if self.pending is None or self.pending[0] != step:
             return
         _, p = self.pending
-        self.pending = None
         if sane_loss(loss, self.raw.config.vocab_size):
+            self.pending = None
             self.last_healthy, self.healthy_step, self.healthy_lr = p, step, get_lr(step - 1, self.cfg)
+        elif skipped and math.isfinite(loss):
+            self.pending = (step + 1, p)  # unless a checkpoint of step + 1 (the same weights) takes its place
+            return
         else:
-            aside, moved = p.with_name(p.name + ".unhealthy"), ""
-            if not math.isfinite(loss):
-                if self.plan.master:
-                    p.replace(aside)
-                moved = f"; moved to {aside}, so a resume never picks it"
+            self.pending = None
+            aside = p.with_name(p.name + ".unhealthy")
+            if self.plan.master:
+                p.replace(aside)
             healthy = self.last_healthy
-            self.log(f"{p} is not healthy: its weights give loss {loss:.4g}{moved}. "
-                     f"{f'The newest healthy one is {healthy}' if healthy else 'No healthy checkpoint exists yet'}.")
+            self.log(f"{p} is not healthy: its weights give loss {loss:.4g}; moved to {aside}, so a resume never "
+                     f"picks it. {f'The newest healthy one is {healthy}' if healthy else 'No healthy checkpoint exists yet'}.")
         self.retain()
 
     def retain(self) -> None:
