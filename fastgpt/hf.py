@@ -63,10 +63,11 @@ def _resolve(name_or_dir: str) -> Path:
 
 
 def _download(repo: str) -> str:
-    """config.json + weights of `repo` into the HF cache (its path). The revision is asked for first, with
-    HUB_TIMEOUT_S: the commit hash it gives lets snapshot_download skip its own unbounded ask. A hub that
+    """config.json + weights of `repo` into the HF cache (its snapshot directory). Every first ask is bounded
+    by HUB_TIMEOUT_S: the revision, then each file's metadata (one attempt; hf_hub_download alone retries a
+    silent hub for minutes, and snapshot_download also lists the repository with no timeout). A hub that
     does not answer in time falls back to the cache, as snapshot_download itself does offline."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 
     files = ["config.json", "model.safetensors"]
     try:
@@ -76,7 +77,16 @@ def _download(repo: str) -> str:
             return snapshot_download(repo, allow_patterns=files, local_files_only=True)
         except Exception:
             raise e from None
-    return snapshot_download(repo, revision=sha, allow_patterns=files, etag_timeout=HUB_TIMEOUT_S)
+    paths = []
+    for f in files:
+        try:
+            paths.append(hf_hub_download(repo, f, revision=sha, local_files_only=True))  # cached at that commit
+            continue
+        except Exception:
+            pass
+        get_hf_file_metadata(hf_hub_url(repo, f, revision=sha), timeout=HUB_TIMEOUT_S)
+        paths.append(hf_hub_download(repo, f, revision=sha, etag_timeout=HUB_TIMEOUT_S))
+    return str(Path(paths[0]).parent)
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
