@@ -331,6 +331,22 @@ def test_spike_is_skipped_logged_and_resumes_exactly(chars, tmp_path, micro, mon
         assert all(got[s] == ref[s] for s in got) and sorted(got) == list(range(k, 9)), k
 
 
+def test_a_skipped_spike_defers_the_checkpoint_judgement_to_the_same_weights_next_step(chars, tmp_path, micro,
+                                                                                      monkeypatch, capsys):
+    """model_00006.pt is judged by step 6's loss, a spike the guard skipped: step 7 sees the same weights, and its
+    sane loss confirms the file. When the run later stops on repeated spikes (steps 8-10), the advice names
+    model_00006.pt, not model_00004.pt (what judging by the spike alone would leave as the newest healthy)."""
+    monkeypatch.setattr(train.options, "SPIKE_MIN_HISTORY", 3)
+    poison_loss(monkeypatch, {6, 8, 9, 10}, lambda loss: loss * 10)
+    with pytest.raises(TrainError) as e:
+        run(micro_cfg(chars, tmp_path, max_steps=20, checkpoint_interval=2))
+    out = capsys.readouterr().out
+    assert "skipped: loss spike" in next(x for x in out.splitlines() if x.startswith("step 6 |"))
+    assert "3 steps in a row had a loss spike" in str(e.value)
+    assert f"--resume_from {tmp_path / 'model_00006.pt'} " in str(e.value), str(e.value)
+    assert not list(tmp_path.glob("*.unhealthy"))  # finite spikes the guard skipped move nothing aside
+
+
 def test_repeated_spikes_stop_with_the_advice(chars, tmp_path, micro, monkeypatch, capsys):
     monkeypatch.setattr(train.options, "SPIKE_MIN_HISTORY", 3)
     poison_loss(monkeypatch, {5, 6, 7}, lambda loss: loss * 10)

@@ -111,7 +111,7 @@ class Checkpointer:
         self.last_healthy: Path | None = None  # the newest confirmed checkpoint (or the one resumed from)
         self.healthy_step: int | None = None
         self.healthy_lr: float | None = None  # the lr of the update that made the confirmed checkpoint's weights
-        self.pending: tuple[int, Path] | None = None
+        self.pending: tuple[int, Path, int] | None = None  # (step whose loss judges it, file, its step)
         self.finished_changes: dict[str, str] = {}  # settings that differ from a finished checkpoint's run
 
     def data_fingerprint(self) -> dict:
@@ -261,7 +261,7 @@ class Checkpointer:
                                  ". Free space or fix the directory, then run the same command to resume.") from None
         if self.plan.ddp:
             dist.barrier()
-        self.pending = (step, p)
+        self.pending = (step, p, step)
         if val[1] == step and sane_loss(val[0], self.raw.config.vocab_size):  # a val loss of these very weights
             self.judge(step, val[0])
         else:
@@ -278,12 +278,12 @@ class Checkpointer:
         was skipped (the spike guard), the next batch judges the same weights again before anything moves."""
         if self.pending is None or self.pending[0] != step:
             return
-        _, p = self.pending
+        _, p, made = self.pending
         if sane_loss(loss, self.raw.config.vocab_size):
             self.pending = None
-            self.last_healthy, self.healthy_step, self.healthy_lr = p, step, get_lr(step - 1, self.cfg)
+            self.last_healthy, self.healthy_step, self.healthy_lr = p, made, get_lr(made - 1, self.cfg)
         elif skipped and math.isfinite(loss):
-            self.pending = (step + 1, p)  # unless a checkpoint of step + 1 (the same weights) takes its place
+            self.pending = (step + 1, p, made)  # unless a checkpoint of step + 1 (the same weights) takes its place
             return
         else:
             self.pending = None
