@@ -9,6 +9,14 @@ import threading
 import time
 
 
+def hub_env(tmp_path, port: int) -> dict:
+    """A process environment whose HuggingFace hub is 127.0.0.1:port, with an empty HF cache under tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1",
+               HF_HUB_DISABLE_TELEMETRY="1")
+    return env
+
+
 class SilentHub:
     """A socket that accepts connections and never answers; env: a process environment pointed at it."""
 
@@ -18,9 +26,7 @@ class SilentHub:
         self.srv.listen(16)
         self.held, self.stop = [], threading.Event()
         self.thread = threading.Thread(target=self.accept, daemon=True)
-        self.env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
-        self.env.update(HF_ENDPOINT=f"http://127.0.0.1:{self.srv.getsockname()[1]}", HF_HOME=str(tmp_path / "hf"),
-                        NO_PROXY="127.0.0.1", HF_HUB_DISABLE_TELEMETRY="1")
+        self.env = hub_env(tmp_path, self.srv.getsockname()[1])
 
     def accept(self):
         self.srv.settimeout(0.2)
@@ -68,39 +74,42 @@ def test_validate_fails_fast_on_a_silent_hub(tmp_path):
     assert "'gpt2'" in out and hub.env["HF_ENDPOINT"] in out and "local directory" in out, out[-2000:]
 
 
-class HalfHub(SilentHub):
-    """A hub that answers the revision ask (repo_info: a commit hash) and then never answers anything else:
-    every later request (the file listing, a file's metadata) hangs."""
+class LocalHub:
+    """An HTTP hub on 127.0.0.1 that answers GET and HEAD of the paths in `routes` (path -> (body, headers));
+    any other path hangs (`stall`: a hub that stopped answering) or gets a 404. env: a process environment
+    pointed at it."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, routes: dict, stall: bool):
         import http.server
-        import json
 
-        super().__init__(tmp_path)
-        self.srv.close()
-        stop = self.stop
+        stop = self.stop = threading.Event()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *a):
                 pass
 
-            def do_GET(self):
-                if self.path.rstrip("/").endswith("/api/models/openai-community/gpt2"):
-                    body = json.dumps({"id": "openai-community/gpt2", "sha": "b" * 40, "siblings": []}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
+            def do_GET(self, head=False):
+                if self.path not in routes:
+                    return stop.wait(150) if stall else self.send_error(404)
+                body, headers = routes[self.path]
+                self.send_response(200)
+                for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if not head:
                     self.wfile.write(body)
-                else:
-                    stop.wait(150)
 
-            do_HEAD = do_GET
+            def do_HEAD(self):
+                self.do_GET(head=True)
 
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.http.daemon_threads = True
-        self.env["HF_ENDPOINT"] = f"http://127.0.0.1:{self.http.server_address[1]}"
+        self.env = hub_env(tmp_path, self.http.server_address[1])
         self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
 
     def __exit__(self, *exc):
         self.stop.set()
@@ -109,10 +118,19 @@ class HalfHub(SilentHub):
         self.http.server_close()
 
 
+def repo_info(sha: str) -> dict:
+    """The hub's answer to repo_info("openai-community/gpt2"): its path and body, naming commit `sha`."""
+    import json
+
+    return {"/api/models/openai-community/gpt2": (json.dumps({"id": "openai-community/gpt2", "sha": sha}).encode(),
+                                                  {"Content-Type": "application/json"})}
+
+
 def test_a_hub_that_stalls_after_the_revision_fails_fast(tmp_path):
-    """Every request after the first is bounded too (snapshot_download's file listing has no timeout)."""
+    """Every request after the first is bounded too (snapshot_download's file listing has no timeout): the hub
+    answers the revision ask and then never answers again."""
     t0 = time.monotonic()
-    with HalfHub(tmp_path) as hub:
+    with LocalHub(tmp_path, repo_info("b" * 40), stall=True) as hub:
         try:
             r = subprocess.run([sys.executable, "-c", "from fastgpt.hf import _resolve; _resolve('gpt2')"],
                                env=hub.env, cwd=tmp_path, capture_output=True, text=True, timeout=100)
@@ -128,49 +146,16 @@ def test_a_hub_that_answers_serves_the_files_into_the_cache(tmp_path):
     """The bounded path still downloads: a local hub that answers the revision, then each file's metadata
     (HEAD) and body (GET) by that commit, ends with both files in the HF cache's snapshot of that commit."""
     import hashlib
-    import http.server
-    import json
 
     sha = "c" * 40
     files = {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"not really weights"}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def answer(self, body: bytes, head: bool, **headers):
-            self.send_response(200)
-            for k, v in {"Content-Length": str(len(body)), **headers}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
-
-        def do_GET(self, head=False):
-            name = self.path.rsplit("/", 1)[-1]
-            if self.path.rstrip("/").endswith("/api/models/openai-community/gpt2"):
-                self.answer(json.dumps({"id": "openai-community/gpt2", "sha": sha}).encode(), head)
-            elif f"/openai-community/gpt2/resolve/{sha}/" in self.path and name in files:
-                etag = '"' + hashlib.sha256(files[name]).hexdigest() + '"'
-                self.answer(files[name], head, ETag=etag, **{"X-Repo-Commit": sha})
-            else:
-                self.send_error(404)
-
-        def do_HEAD(self):
-            self.do_GET(head=True)
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{srv.server_address[1]}", HF_HOME=str(tmp_path / "hf"),
-               NO_PROXY="127.0.0.1", HF_HUB_DISABLE_TELEMETRY="1")
-    try:
+    routes = {**repo_info(sha), **{
+        f"/openai-community/gpt2/resolve/{sha}/{name}": (body, {"ETag": f'"{hashlib.sha256(body).hexdigest()}"',
+                                                               "X-Repo-Commit": sha})
+        for name, body in files.items()}}
+    with LocalHub(tmp_path, routes, stall=False) as hub:
         r = subprocess.run([sys.executable, "-c", "from fastgpt.hf import _resolve; print(_resolve('gpt2'))"],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    finally:
-        srv.shutdown()
-        srv.server_close()
+                           env=hub.env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     snap = tmp_path / "hf" / "hub" / "models--openai-community--gpt2" / "snapshots" / sha
     assert r.stdout.strip() == str(snap)
